@@ -1,0 +1,3 @@
+from cvig_engine.cli import main
+
+main()

@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import torch
+
+from cvig_engine import orientation_distance, triplet_loss
+from references import correlated_features, orientation_distance_reference
+
+
+@pytest.mark.parametrize("ground_width", [64, 32, 16, 13, 12])
+def test_orientation_distance_matches_brute_force(ground_width):
+    rng = np.random.default_rng(ground_width)
+    ground, aerial, match, true_shifts = correlated_features(rng, 7, 5, ground_width, aerial_width=64)
+    distance, shift = orientation_distance(torch.from_numpy(ground), torch.from_numpy(aerial))
+    expected_distance, expected_shift, _ = orientation_distance_reference(ground, aerial)
+    np.testing.assert_array_equal(shift.numpy(), expected_shift)
+    np.testing.assert_allclose(distance.numpy(), expected_distance, atol=1e-10)
+    # The true shift is recoverable from features made of shifted windows.
+    np.testing.assert_array_equal(shift.numpy()[np.arange(7), match], true_shifts)
+    # float32 agrees to float32 rounding.
+    distance32, shift32 = orientation_distance(torch.from_numpy(ground).float(), torch.from_numpy(aerial).float())
+    np.testing.assert_allclose(distance32.numpy(), expected_distance, atol=2e-5)
+    np.testing.assert_array_equal(shift32.numpy(), expected_shift)
+
+
+def test_first_argmax_wins_on_an_exact_tie():
+    rng = np.random.default_rng(5)
+    half = rng.standard_normal((3, 16, 4, 32))
+    aerial = np.concatenate([half, half], axis=-1)  # period 32: corr[o] == corr[o + 32] exactly
+    ground = rng.standard_normal((4, 16, 4, 13))
+    distance, shift = orientation_distance(torch.from_numpy(ground), torch.from_numpy(aerial))
+    expected_distance, expected_shift, correlation = orientation_distance_reference(ground, aerial)
+    assert np.all(correlation[..., :32] == correlation[..., 32:])
+    assert np.all(shift.numpy() < 32)
+    np.testing.assert_array_equal(shift.numpy(), expected_shift)
+    np.testing.assert_allclose(distance.numpy(), expected_distance, atol=1e-10)
+
+
+def test_vertical_search_matches_brute_force_over_offsets():
+    rng = np.random.default_rng(9)
+    ground = rng.standard_normal((3, 4, 2, 6))
+    aerial = rng.standard_normal((4, 4, 5, 16))
+    distance, shift, vertical = orientation_distance(
+        torch.from_numpy(ground), torch.from_numpy(aerial), return_vertical=True)
+    offsets = aerial.shape[2] - ground.shape[2] + 1
+    per_offset = [orientation_distance_reference(ground, aerial[:, :, v: v + 2]) for v in range(offsets)]
+    correlation = np.stack([result[2] for result in per_offset], axis=2)  # [Ng, Na, V, W]
+    flat = correlation.reshape(3, 4, -1)
+    best = flat.argmax(axis=2)  # numpy's argmax returns the first maximum
+    np.testing.assert_array_equal(vertical.numpy(), best // 16)
+    np.testing.assert_array_equal(shift.numpy(), best % 16)
+    for n in range(3):
+        for m in range(4):
+            v = best[n, m] // 16
+            np.testing.assert_allclose(distance[n, m].item(), per_offset[v][0][n, m], atol=1e-10)
+
+
+def test_orientation_distance_with_width_one_is_cosine_distance():
+    rng = np.random.default_rng(2)
+    ground = rng.standard_normal((5, 32, 1, 1))
+    aerial = rng.standard_normal((6, 32, 1, 1))
+    distance, shift = orientation_distance(torch.from_numpy(ground), torch.from_numpy(aerial))
+    g = ground[:, :, 0, 0] / np.linalg.norm(ground[:, :, 0, 0], axis=1, keepdims=True)
+    a = aerial[:, :, 0, 0] / np.linalg.norm(aerial[:, :, 0, 0], axis=1, keepdims=True)
+    np.testing.assert_allclose(distance.numpy(), 2 - 2 * g @ a.T, atol=1e-12)
+    assert not shift.any()
+
+
+def test_orientation_distance_rejects_mismatched_maps():
+    with pytest.raises(ValueError):
+        orientation_distance(torch.zeros(1, 8, 4, 12), torch.zeros(1, 16, 4, 64))
+    with pytest.raises(ValueError):
+        orientation_distance(torch.zeros(1, 16, 4, 65), torch.zeros(1, 16, 4, 64))
+
+
+def test_triplet_loss_matches_explicit_sum():
+    rng = np.random.default_rng(3)
+    batch, alpha = 6, 10.0
+    distance = rng.uniform(0, 2, (batch, batch))
+    expected = 0.0
+    for i in range(batch):
+        for j in range(batch):
+            if i != j:
+                expected += np.log1p(np.exp(alpha * (distance[i, i] - distance[i, j])))
+                expected += np.log1p(np.exp(alpha * (distance[j, j] - distance[i, j])))
+    expected /= 2 * batch * (batch - 1)
+    loss = triplet_loss(torch.from_numpy(distance), alpha=alpha)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_triplet_loss_falls_as_matches_separate():
+    close = torch.full((4, 4), 1.0).fill_diagonal_(0.9)
+    far = torch.full((4, 4), 1.0).fill_diagonal_(0.1)
+    assert triplet_loss(far) < triplet_loss(close)
