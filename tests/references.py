@@ -82,3 +82,111 @@ def correlated_features(rng, num_ground, num_aerial, ground_width, *, channels=1
         ground[n] = aerial[match[n]][:, :, columns] * rng.uniform(0.5, 2.0)
     ground += noise * rng.standard_normal(ground.shape)
     return ground, aerial, match, shifts
+
+
+def density_cells_reference(latitudes, longitudes, cities, cell_size):
+    """Grid cell (city, column, row) of each position by the documented formula, one at a time.
+
+    Per city: origin = (mean latitude, circular-mean longitude); x = R * dlon * cos(lat0),
+    y = R * dlat (radians, dlon wrapped into [-180, 180) degrees), R = 6371008.8 m.
+    """
+    radius = 6371008.8
+    groups = {}
+    for index, city in enumerate(cities):
+        groups.setdefault(city, []).append(index)
+    cells = [None] * len(cities)
+    for city, indices in groups.items():
+        latitude_origin = sum(latitudes[i] for i in indices) / len(indices)
+        sine = sum(math.sin(math.radians(longitudes[i])) for i in indices) / len(indices)
+        cosine = sum(math.cos(math.radians(longitudes[i])) for i in indices) / len(indices)
+        longitude_origin = math.degrees(math.atan2(sine, cosine))
+        for i in indices:
+            offset = (longitudes[i] - longitude_origin + 180.0) % 360.0 - 180.0
+            x = radius * math.radians(offset) * math.cos(math.radians(latitude_origin))
+            y = radius * math.radians(latitudes[i] - latitude_origin)
+            cells[i] = (city, math.floor(x / cell_size), math.floor(y / cell_size))
+    return cells
+
+
+def haversine_metres(latitude1, longitude1, latitude2, longitude2):
+    """Great-circle distance in metres on a sphere of radius 6371008.8 m."""
+    phi1, phi2 = math.radians(latitude1), math.radians(latitude2)
+    half_dphi = (phi2 - phi1) / 2.0
+    half_dlambda = math.radians(longitude2 - longitude1) / 2.0
+    a = math.sin(half_dphi) ** 2 + math.cos(phi1) * math.cos(phi2) * math.sin(half_dlambda) ** 2
+    return 2.0 * 6371008.8 * math.asin(math.sqrt(a))
+
+
+def bilinear_resize_reference(image, height, width):
+    """Bilinear resize of a 2-D array (half-pixel centres, edge pixels repeat), float64 loops.
+
+    The convention of ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``
+    when enlarging (no antialiasing is involved then).
+    """
+    image = np.asarray(image, dtype=np.float64)
+    in_height, in_width = image.shape
+    out = np.zeros((height, width))
+
+    def source(index, in_size, out_size):
+        position = max((index + 0.5) * in_size / out_size - 0.5, 0.0)
+        low = min(int(math.floor(position)), in_size - 1)
+        return low, min(low + 1, in_size - 1), position - low
+
+    for i in range(height):
+        y0, y1, fy = source(i, in_height, height)
+        for j in range(width):
+            x0, x1, fx = source(j, in_width, width)
+            top = image[y0, x0] * (1 - fx) + image[y0, x1] * fx
+            bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
+            out[i, j] = top * (1 - fy) + bottom * fy
+    return out
+
+
+def vertical_distance_reference(ground, aerial):
+    """Brute force with vertical search: ``orientation_distance_reference`` at every vertical offset.
+
+    ground [Ng, C, H, Wg], aerial [Na, C, Ha, W] with H <= Ha. The first maximum of the raw
+    correlation over (offset v, shift o), v major, picks the crop. Returns (distance, flat shift
+    v * W + o, correlation [Ng, Na, V * W]).
+    """
+    ground = np.asarray(ground, dtype=np.float64)
+    aerial = np.asarray(aerial, dtype=np.float64)
+    height, aerial_height, width = ground.shape[2], aerial.shape[2], aerial.shape[3]
+    per_offset = [orientation_distance_reference(ground, aerial[:, :, v:v + height])
+                  for v in range(aerial_height - height + 1)]
+    correlation = np.concatenate([result[2] for result in per_offset], axis=2)
+    distance = np.zeros(correlation.shape[:2])
+    shift = np.zeros(correlation.shape[:2], dtype=np.int64)
+    for n in range(correlation.shape[0]):
+        for m in range(correlation.shape[1]):
+            best = 0
+            for s in range(1, correlation.shape[2]):  # strict '>' keeps the first maximum
+                if correlation[n, m, s] > correlation[n, m, best]:
+                    best = s
+            shift[n, m] = best
+            distance[n, m] = per_offset[best // width][0][n, m]
+    return distance, shift, correlation
+
+
+def ranks_reference(distance, match, tie_rule):
+    """1-based rank of each query's true tile, counted one query at a time; 0 where match is -1.
+
+    pessimistic (WITW): #{tiles with d <= d_true}, the true tile included; optimistic (DSM):
+    1 + #{tiles with d < d_true}.
+    """
+    ranks = np.zeros(len(match), dtype=np.int64)
+    for n, true_tile in enumerate(match):
+        if true_tile < 0:
+            continue
+        true_distance = distance[n][true_tile]
+        if tie_rule == "pessimistic":
+            ranks[n] = sum(1 for value in distance[n] if value <= true_distance)
+        else:
+            ranks[n] = 1 + sum(1 for value in distance[n] if value < true_distance)
+    return ranks
+
+
+def topk_reference(distance, k):
+    """Indices of the k smallest distances of each row, ties broken by the lower index."""
+    return np.array([sorted(range(len(row)), key=lambda m: (row[m], m))[:k] for row in distance],
+                    dtype=np.int64)

@@ -11,6 +11,14 @@ from cvig_engine.errors import CvigInputError, CvigMissingDependency
 
 # module name -> attribute holding the click command (or group)
 COMMAND_MODULES = [
+    ("evaluate", "evaluate_command"),
+    ("filter", "filter_command"),
+    ("train", "train_command"),
+    ("synth", "synth_command"),
+    ("embed", "embed_command"),
+    ("export", "export_command"),
+    ("score", "score_command"),
+    ("bench", "bench_group"),
 ]
 
 

@@ -154,12 +154,13 @@ def heading_metrics(true_shift, heading_deg, fov_deg: float, width: int, mask=No
 
 
 def ranks_from_distances(distance, match, tie_rule: str = "pessimistic",
-                         block_rows: int = 1024) -> np.ndarray:
+                         block_rows: int | None = None) -> np.ndarray:
     """1-based rank of each query's true tile in a full distance matrix, under a tie rule.
 
     Args:
-        distance: array-like [N, M] (a numpy array or an h5py dataset; read ``block_rows`` at
-            a time so a large matrix never sits in memory whole).
+        distance: array-like [N, M] (a numpy array or an h5py dataset), read ``block_rows``
+            rows at a time so a large matrix never sits in memory whole (default: about 2^24
+            values, 64 MB of float32, per block).
         match: integer array [N], the true tile of each query, -1 where unknown.
         tie_rule: ``pessimistic`` (d <= d_true counts, WITW) or ``optimistic`` (strict <, DSM).
 
@@ -178,9 +179,12 @@ def ranks_from_distances(distance, match, tie_rule: str = "pessimistic",
     if (match >= num_tiles).any():
         row = int(np.flatnonzero(match >= num_tiles)[0])
         raise CvigInputError(f"row {row}: match {int(match[row])} is outside 0..{num_tiles - 1}")
+    if block_rows is None:
+        block_rows = max(1, 2**24 // max(num_tiles, 1))
     ranks = np.zeros(num_queries, dtype=np.int64)
     for start in range(0, num_queries, block_rows):
-        block = np.asarray(distance[start:start + block_rows], dtype=np.float64)
+        # The stored precision is kept: comparisons between stored values are exact in any dtype.
+        block = np.asarray(distance[start:start + block_rows])
         block_match = match[start:start + block.shape[0]]
         known = block_match >= 0
         bad = ~np.isfinite(block).all(axis=1) & known

@@ -1,0 +1,136 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cvig_engine.errors import CvigInputError
+from cvig_engine.model.checkpoint import read_state_dict
+from cvig_engine.train import (TrainOptions, epoch_batches, mine_neighbours, mining_descriptors,
+                               split_validation, train)
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    from cvig_engine.synth import synthesize
+
+    out = tmp_path_factory.mktemp("world")
+    synthesize(out, pairs=48, cities=2, seed=3, tile_size=64, pano_height=32, pano_width=128)
+    return out
+
+
+def _options(**kwargs):
+    defaults = dict(backbone="tiny", epochs=2, batch_size=8, learning_rate=1e-3, validation_size=8,
+                    seed=1, device="cpu")
+    defaults.update(kwargs)
+    return TrainOptions(**defaults)
+
+
+def test_short_run_lowers_the_loss(small_world, tmp_path):
+    summary = train(small_world / "train.csv", tmp_path / "run", _options(epochs=4))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == summary["epochs"] == 4
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert (tmp_path / "run" / "best.safetensors").exists() and (tmp_path / "run" / "best.json").exists()
+
+
+def _train_process(csv, run_dir, epochs):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "cvig_engine.cli", "train", "--data", str(csv), "-o", str(run_dir),
+               "--epochs", str(epochs), "--batch-size", "8", "--lr", "1e-3", "--validation-size", "8",
+               "--seed", "1", "--device", "cpu", "--global-mining", "--tile-offset", "3"]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_state(small_world, tmp_path):
+    csv = small_world / "train.csv"
+    uninterrupted = _train_process(csv, tmp_path / "full", 3)
+    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read().decode()[-2000:]
+
+    victim = _train_process(csv, tmp_path / "killed", 3)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    finished_before_kill = metrics.read_text().count("\n")
+    assert finished_before_kill < 3
+    resumed = _train_process(csv, tmp_path / "killed", 3)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+
+    full = read_state_dict(tmp_path / "full" / "last.safetensors")
+    again = read_state_dict(tmp_path / "killed" / "last.safetensors")
+    assert full.keys() == again.keys()
+    for name in full:
+        torch.testing.assert_close(again[name], full[name], rtol=0, atol=0, msg=name)
+    full_optimizer = read_state_dict(tmp_path / "full" / "last_optimizer.safetensors")
+    again_optimizer = read_state_dict(tmp_path / "killed" / "last_optimizer.safetensors")
+    for name in full_optimizer:
+        torch.testing.assert_close(again_optimizer[name], full_optimizer[name], rtol=0, atol=0, msg=name)
+    lines_full = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lines_again = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["validation_loss"] for r in lines_full] == [r["validation_loss"] for r in lines_again]
+
+
+def test_global_mining_picks_the_nearest_neighbours():
+    rng = np.random.default_rng(0)
+    ground_features = torch.from_numpy(rng.standard_normal((30, 16, 4, 64))).float()
+    aerial_features = torch.from_numpy(rng.standard_normal((30, 16, 4, 64))).float()
+    ground_bank, aerial_bank = mining_descriptors(ground_features), mining_descriptors(aerial_features)
+    seen = torch.ones(30, dtype=torch.bool)
+    seen[[5, 6]] = False
+    anchors = np.array([0, 3, 9, 5])
+    chosen = mine_neighbours(anchors, ground_bank, aerial_bank, seen, exclude=anchors)
+    # Brute force in float64: width-averaged maps, cosine similarity, skip taken and unseen items.
+    ground_mean = ground_features.double().mean(-1).flatten(1).numpy()
+    aerial_mean = aerial_features.double().mean(-1).flatten(1).numpy()
+    taken, expected = set(anchors.tolist()), []
+    for anchor in anchors:
+        if anchor in (5, 6):
+            continue
+        g = ground_mean[anchor] / np.linalg.norm(ground_mean[anchor])
+        similarity = {j: aerial_mean[j] @ g / np.linalg.norm(aerial_mean[j]) for j in range(30)
+                      if j not in taken and j not in (5, 6)}
+        best = max(similarity, key=similarity.get)
+        expected.append(best)
+        taken.add(best)
+    assert chosen == expected
+
+
+def test_early_stopping_triggers(small_world, tmp_path):
+    summary = train(small_world / "train.csv", tmp_path / "run",
+                    _options(epochs=10, patience=2, min_delta=1e6))
+    assert summary["stop_reason"] == "early stopping"
+    assert summary["epochs"] == 3  # the first epoch sets the best, two more without improvement
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    train_a, validation_a = split_validation(100, 10, seed=4)
+    train_b, validation_b = split_validation(100, 10, seed=4)
+    np.testing.assert_array_equal(validation_a, validation_b)
+    assert len(set(train_a) & set(validation_a)) == 0 and len(train_a) + len(validation_a) == 100
+    assert not np.array_equal(split_validation(100, 10, seed=5)[1], validation_a)
+    with pytest.raises(CvigInputError):
+        split_validation(10, 10, seed=0)
+
+
+def test_epoch_batches_cover_the_training_set_once():
+    batches = epoch_batches(np.arange(10, 31), 4, seed=0, epoch=2)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(10, 30)) or sorted(flat.tolist()) == list(range(10, 31))
+    assert all(len(batch) >= 2 for batch in batches)
+
+
+@pytest.mark.parametrize("kwargs", [dict(batch_size=1), dict(learning_rate=0), dict(aerial_crop=1.5)])
+def test_bad_options_are_input_errors(kwargs):
+    with pytest.raises(CvigInputError):
+        _options(**kwargs).validate()
