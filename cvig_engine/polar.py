@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 __all__ = ["polar_transform", "polar_sampling_grid", "polar_sample_points", "heading_to_shift", "shift_to_heading"]
 
-_GRID_CACHE: dict[tuple, torch.Tensor] = {}
+_GRID_CACHE: dict[tuple, np.ndarray] = {}
 
 
 def polar_sample_points(size: int, height: int = 128, width: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -52,9 +52,9 @@ def polar_sampling_grid(size: int, height: int = 128, width: int = 512) -> torch
         # align_corners=True maps index 0 -> -1 and index size-1 -> +1.
         x = 2.0 * cols / (size - 1) - 1.0
         y = 2.0 * rows / (size - 1) - 1.0
-        grid = np.stack([x, y], axis=-1)[None]
-        _GRID_CACHE[key] = torch.from_numpy(grid)
-    return _GRID_CACHE[key]
+        _GRID_CACHE[key] = np.stack([x, y], axis=-1)[None]
+    # A fresh tensor each call: a cached tensor made while tracing (torch.export) would be fake.
+    return torch.from_numpy(_GRID_CACHE[key])
 
 
 def polar_transform(aerial: torch.Tensor, height: int = 128, width: int = 512) -> torch.Tensor:

@@ -100,7 +100,8 @@ class FeatureStore:
         """Ground feature maps of the given increasing row numbers, as float32."""
         return np.asarray(self._handle["ground/features"][np.asarray(rows)], dtype=np.float32)
 
-    def aerial_features(self, start: int = 0, stop: int | None = None, dtype=np.float32) -> np.ndarray:
+    def aerial_features(self, start: int = 0, stop: int | None = None,
+                        dtype=np.float32) -> np.ndarray:
         """Aerial feature maps of rows start..stop-1 [n, C, Ha, W] (float32 unless ``dtype``)."""
         data = self._handle["aerial/features"][start:stop]
         return np.asarray(data, dtype=dtype) if dtype is not None else data
@@ -203,7 +204,8 @@ def _read_vector(path, handle, name, length, kind):
     if values.shape != (length,):
         _fail(path, f"/{name} has shape {values.shape}, expected ({length},)")
     if kind == "ids":
-        return [value.decode("utf-8") if isinstance(value, bytes) else str(value) for value in values]
+        return [value.decode("utf-8") if isinstance(value, bytes) else str(value)
+                for value in values]
     return values
 
 
@@ -240,7 +242,8 @@ def open_feature_store(path, *, check_values: bool = True, require_complete: boo
         vertical = bool((attributes.get("model_config") or {}).get("vertical_search", False))
         if channels != aerial_channels:
             _fail(path, f"ground and aerial features have different channel counts "
-                        f"(/ground/features C = {channels}, /aerial/features C = {aerial_channels})")
+                        f"(/ground/features C = {channels}, "
+                        f"/aerial/features C = {aerial_channels})")
         if ground_height != aerial_height and not (vertical and ground_height < aerial_height):
             rule = ("with vertical search the ground map must not be taller than the aerial map"
                     if vertical else "vertical search is off in the model config")
@@ -258,8 +261,8 @@ def open_feature_store(path, *, check_values: bool = True, require_complete: boo
         bad = (match < -1) | (match >= num_aerial)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            _fail(path, f"/ground/match row {row} is {int(match[row])}, outside -1..{num_aerial - 1} "
-                        f"(the store has {num_aerial} aerial tiles)")
+            _fail(path, f"/ground/match row {row} is {int(match[row])}, outside "
+                        f"-1..{num_aerial - 1} (the store has {num_aerial} aerial tiles)")
         store = FeatureStore(
             path=path, num_ground=num_ground, num_aerial=num_aerial,
             ground_shape=(channels, ground_height, ground_width),

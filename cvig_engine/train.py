@@ -61,6 +61,7 @@ class TrainOptions:
     num_workers: int = 0
     skip_bad: bool = False
     tiny_channels: list = field(default_factory=lambda: [8, 16, 32, 64])
+    image_scale: float = 1.0
 
     def validate(self):
         if self.batch_size < 2:
@@ -149,7 +150,7 @@ class _Trainer:
             ground_width_rule=options.ground_width_rule,
             orientation_search=options.orientation_search,
             vertical_search=options.vertical_search, vgg_weights=options.vgg_weights,
-            tiny_channels=options.tiny_channels)
+            tiny_channels=options.tiny_channels, image_scale=options.image_scale)
         if options.init_from:
             self._initialise_from(options.init_from)
         self.model.to(self.device)

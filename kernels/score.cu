@@ -1,4 +1,5 @@
-// Fused all-pairs scoring kernel for cvig-engine (launched through CuPy, cvig_engine.scoring.cuda_kernel).
+// Fused all-pairs scoring kernel for cvig-engine, launched through CuPy
+// (cvig_engine.scoring.cuda_kernel).
 //
 // For every (query q, tile a) pair of a launch it computes, without writing any correlation to
 // global memory:
@@ -21,8 +22,10 @@
 //
 // Compile-time shape (NVRTC -D options; the defaults are the VGG16 360-degree shapes, used by
 // .ci/compile_kernels.sh):
-//   CVIG_W  aerial width W (orientation bins)     CVIG_K  contraction length C * H of the ground map
-//   CVIG_V  vertical offsets V = Ha - H + 1        CVIG_L  top-L list length per query and split
+//   CVIG_W  aerial width W (orientation bins)
+//   CVIG_K  contraction length C * H of the ground map
+//   CVIG_V  vertical offsets V = Ha - H + 1
+//   CVIG_L  top-L list length per query and split
 #ifndef CVIG_W
 #define CVIG_W 64
 #endif
@@ -51,7 +54,8 @@
 // w_f = 1 for f = 0 and f = W / 2, else 2. Filled by the host before the first launch.
 __constant__ float c_basis[2 * CVIG_F * CVIG_W];
 
-__device__ __forceinline__ bool cvig_before(float distance, int index, float other_distance, int other_index)
+__device__ __forceinline__ bool cvig_before(float distance, int index, float other_distance,
+                                            int other_index)
 {
     return distance < other_distance || (distance == other_distance && index < other_index);
 }
@@ -127,7 +131,8 @@ cvig_score(const float2* __restrict__ query_spectra,   // [num_queries][K][F]
                     const int k = k0 + kk;
                     float2 value = make_float2(0.0f, 0.0f);
                     if (first_query + qq < num_queries && k < CVIG_K) {
-                        value = query_spectra[((size_t)(first_query + qq) * CVIG_K + k) * CVIG_F + f];
+                        const size_t row = (size_t)(first_query + qq) * CVIG_K + k;
+                        value = query_spectra[row * CVIG_F + f];
                     }
                     s_query[kk][f][qq] = value;
                 }
@@ -138,7 +143,8 @@ cvig_score(const float2* __restrict__ query_spectra,   // [num_queries][K][F]
                     const int k = k0 + kk;
                     float2 value = make_float2(0.0f, 0.0f);
                     if (first_tile + aa < tile_end && k < CVIG_K) {
-                        value = tile_spectra[(((size_t)(first_tile + aa) * CVIG_V + v) * CVIG_K + k) * CVIG_F + f];
+                        const size_t row = ((size_t)(first_tile + aa) * CVIG_V + v) * CVIG_K + k;
+                        value = tile_spectra[row * CVIG_F + f];
                     }
                     s_tile[kk][f][aa] = value;
                 }
@@ -201,8 +207,9 @@ cvig_score(const float2* __restrict__ query_spectra,   // [num_queries][K][F]
                     continue;
                 }
                 int position = CVIG_L - 1;
-                while (position > 0 && cvig_before(candidate, index, s_top_distance[thread][position - 1],
-                                                   s_top_index[thread][position - 1])) {
+                while (position > 0 &&
+                       cvig_before(candidate, index, s_top_distance[thread][position - 1],
+                                   s_top_index[thread][position - 1])) {
                     s_top_distance[thread][position] = s_top_distance[thread][position - 1];
                     s_top_index[thread][position] = s_top_index[thread][position - 1];
                     s_top_shift[thread][position] = s_top_shift[thread][position - 1];

@@ -58,7 +58,8 @@ def reference_for(key, ground, aerial):
 def read_scores(path):
     with h5py.File(path, "r") as handle:
         arrays = {name: handle[name][()] for name in
-                  ("rank", "true_distance", "true_shift", "topk/index", "topk/distance", "topk/shift",
+                  ("rank", "true_distance", "true_shift", "topk/index", "topk/distance",
+                   "topk/shift",
                    "query/match", "query/heading")}
         if "distance" in handle:
             arrays["distance"] = handle["distance"][()]
@@ -90,9 +91,11 @@ def test_scores_match_float64_brute_force(tmp_path, ground_width, algorithm, tie
     assert np.all(scores["rank"][~known] == 0)
     assert len(set(expected_ranks[known])) > 5, "ranks should spread on these features"
     rows = np.flatnonzero(known)
-    np.testing.assert_allclose(scores["true_distance"][rows], distance[rows, match[rows]], atol=1e-6)
+    np.testing.assert_allclose(scores["true_distance"][rows], distance[rows, match[rows]],
+                               atol=1e-6)
     np.testing.assert_array_equal(scores["true_shift"][rows], shift[rows, match[rows]])
-    assert np.all(np.isnan(scores["true_distance"][~known])) and np.all(scores["true_shift"][~known] == -1)
+    assert np.all(np.isnan(scores["true_distance"][~known]))
+    assert np.all(scores["true_shift"][~known] == -1)
     # Low-noise queries recover the shift their ground map was cut at.
     assert np.mean(scores["true_shift"][rows] == true_shifts[rows]) > 0.5
 
@@ -132,7 +135,8 @@ def vertical_problem(seed, num_ground, num_aerial, max_noise):
 
 def test_vertical_search_matches_brute_force(tmp_path):
     ground, aerial, match = vertical_problem(4, 11, 9, 3.0)
-    features = write_feature_store(tmp_path / "features.h5", ground_features=ground, aerial_features=aerial,
+    features = write_feature_store(tmp_path / "features.h5", ground_features=ground,
+                                   aerial_features=aerial,
                                    match=match, attrs={"model_config": {"vertical_search": True}})
     score_feature_store(features, tmp_path / "scores.h5", topk=4, tile=(4, 5), progress=False)
     distance, flat_shift, correlation = vertical_distance_reference(ground, aerial)
@@ -165,7 +169,8 @@ def test_tile_distances_match_brute_force_for_other_shapes(shape, algorithm):
     scorer = TileScorer(geometry, aerial.astype(np.float32), energy, device="cpu",
                         algorithm=algorithm, tile_aerial=3)
     operands = scorer.query_operands(ground.astype(np.float32))
-    distance = torch.cat([scorer.tile_distances(operands, block) for block in range(len(scorer.blocks))], 1)
+    distance = torch.cat([scorer.tile_distances(operands,
+                                                block) for block in range(len(scorer.blocks))], 1)
     expected, _, _ = vertical_distance_reference(ground, aerial)
     np.testing.assert_allclose(distance.numpy(), expected, atol=2e-6)
 
@@ -178,7 +183,8 @@ def test_exact_ties_follow_the_tie_rule_and_lower_index_first(tmp_path):
     ground = np.stack([np.roll(base[0], -3, axis=-1), np.roll(base[2], -5, axis=-1)])
     ground = ground + 0.5 * rng.standard_normal(ground.shape)
     match = np.array([6, 2])  # query 0's true tile has 19 exact copies elsewhere
-    features = write_feature_store(tmp_path / "features.h5", ground_features=ground, aerial_features=aerial,
+    features = write_feature_store(tmp_path / "features.h5", ground_features=ground,
+                                   aerial_features=aerial,
                                    match=match)
     expected, _, _ = orientation_distance_reference(ground, aerial)
     duplicates = [0] + list(range(5, 24))
@@ -203,8 +209,10 @@ def test_heading_metrics_where_headings_are_known(tmp_path):
     # The heading whose bin is the recovered shift (polar.py convention), NaN for two photos.
     heading = np.mod(180.0 + true_shifts * 360.0 / 64 + fov / 2.0, 360.0).astype(np.float32)
     heading[[0, 1]] = np.nan
-    features = write_feature_store(tmp_path / "features.h5", ground_features=ground, aerial_features=aerial,
-                                   match=match, heading=heading, attrs={"fov_deg": fov, "city": "testville"})
+    features = write_feature_store(tmp_path / "features.h5", ground_features=ground,
+                                   aerial_features=aerial,
+                                   match=match, heading=heading, attrs={"fov_deg": fov,
+                                                                        "city": "testville"})
     score_feature_store(features, tmp_path / "scores.h5", progress=False)
     scores = read_scores(tmp_path / "scores.h5")
     metrics = json.loads(scores["attrs"]["metrics"])
@@ -215,12 +223,14 @@ def test_heading_metrics_where_headings_are_known(tmp_path):
 
 def test_cli_prints_metrics_and_completed_runs_are_not_recomputed(tmp_path):
     ground, aerial, match, _ = make_problem(6, 20, 15, 13)
-    write_feature_store(tmp_path / "f.h5", ground_features=ground, aerial_features=aerial, match=match)
+    write_feature_store(tmp_path / "f.h5", ground_features=ground, aerial_features=aerial,
+                        match=match)
     arguments = ["score", "--features", str(tmp_path / "f.h5"), "-o", str(tmp_path / "s.h5"),
                  "--device", "cpu", "--tile", "8x4", "--no-progress"]
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 0, result.output
-    assert "top-1%" in result.output and "median rank" in result.output and "written" in result.output
+    for text in ("top-1%", "median rank", "written"):
+        assert text in result.output
     before = read_scores(tmp_path / "s.h5")
     again = CliRunner().invoke(main, arguments)
     assert again.exit_code == 0 and "already complete" in again.output
@@ -254,10 +264,12 @@ def test_bad_feature_stores_exit_with_code_2(tmp_path, changes, message):
     assert not (tmp_path / "s.h5").exists()
 
 
-@pytest.mark.parametrize("role, row, value, kind", [("ground", 4, np.nan, "NaN"), ("aerial", 2, np.inf, "Inf")])
+@pytest.mark.parametrize("role, row, value, kind", [("ground", 4, np.nan, "NaN"), ("aerial", 2,
+                                                                                   np.inf, "Inf")])
 def test_non_finite_features_name_the_dataset_and_row(tmp_path, role, row, value, kind):
     rng = np.random.default_rng(1)
-    features = {"ground": rng.standard_normal((6, 4, 2, 8)), "aerial": rng.standard_normal((5, 4, 2, 8))}
+    features = {"ground": rng.standard_normal((6, 4, 2, 8)), "aerial": rng.standard_normal((5, 4,
+                                                                                            2, 8))}
     features[role][row, 1, 0, 3] = value
     write_feature_store(tmp_path / "bad.h5", ground_features=features["ground"],
                         aerial_features=features["aerial"], match=np.arange(6) % 5)
@@ -294,8 +306,10 @@ def _resume_problem(tmp_path):
     rng = np.random.default_rng(11)
     aerial = rng.standard_normal((300, 16, 4, 64)).astype(np.float32)
     match = rng.integers(0, 300, 160)
-    ground = aerial[match][..., :13] + 20.0 * rng.standard_normal((160, 16, 4, 13)).astype(np.float32)
-    return write_feature_store(tmp_path / "features.h5", ground_features=ground, aerial_features=aerial,
+    ground = aerial[match][..., :13] + 20.0 * rng.standard_normal((160, 16, 4,
+                                                                   13)).astype(np.float32)
+    return write_feature_store(tmp_path / "features.h5", ground_features=ground,
+                               aerial_features=aerial,
                                match=match)
 
 
@@ -315,8 +329,10 @@ def test_resume_after_sigkill_ends_identical_to_an_uninterrupted_run(tmp_path):
     score_feature_store(features, tmp_path / "whole.h5", **options)
 
     killed = tmp_path / "killed.h5"
-    command = [sys.executable, "-m", "cvig_engine.cli", "score", "--features", str(features), "-o", str(killed),
-               "--topk", "5", "--tile", "8x128", "--store-matrix", "--device", "cpu", "--no-progress"]
+    command = [sys.executable, "-m", "cvig_engine.cli", "score", "--features", str(features), "-o",
+               str(killed),
+               "--topk", "5", "--tile", "8x128", "--store-matrix", "--device", "cpu",
+               "--no-progress"]
     # 20 blocks, each followed by a pause, so that the kill lands part-way through.
     slow = dict(os.environ, CVIG_SCORE_BLOCK_DELAY="0.2")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=slow)
@@ -346,21 +362,26 @@ def test_resume_after_sigkill_ends_identical_to_an_uninterrupted_run(tmp_path):
 
 def test_resume_is_refused_when_inputs_or_options_differ(tmp_path):
     ground, aerial, match, _ = make_problem(7, 12, 9, 13)
-    features = write_feature_store(tmp_path / "f.h5", ground_features=ground, aerial_features=aerial,
+    features = write_feature_store(tmp_path / "f.h5", ground_features=ground,
+                                   aerial_features=aerial,
                                    match=match)
     score_feature_store(features, tmp_path / "s.h5", topk=3, progress=False)
-    result = CliRunner().invoke(main, ["score", "--features", str(features), "-o", str(tmp_path / "s.h5"),
+    result = CliRunner().invoke(main, ["score", "--features", str(features), "-o",
+                                       str(tmp_path / "s.h5"),
                                        "--topk", "4", "--no-progress"])
     assert result.exit_code == 2 and "topk: was 3, now 4" in result.output
     ground[0, 0, 0, 0] += 1.0
     write_feature_store(features, ground_features=ground, aerial_features=aerial, match=match)
-    result = CliRunner().invoke(main, ["score", "--features", str(features), "-o", str(tmp_path / "s.h5"),
+    result = CliRunner().invoke(main, ["score", "--features", str(features), "-o",
+                                       str(tmp_path / "s.h5"),
                                        "--topk", "3", "--no-progress"])
     assert result.exit_code == 2 and "features_sha256" in result.output
     (tmp_path / "other.h5").write_bytes(b"not hdf5")
-    result = CliRunner().invoke(main, ["score", "--features", str(features), "-o", str(tmp_path / "other.h5"),
+    result = CliRunner().invoke(main, ["score", "--features", str(features), "-o",
+                                       str(tmp_path / "other.h5"),
                                        "--no-progress"])
     assert result.exit_code == 2 and "--overwrite" in result.output
-    result = CliRunner().invoke(main, ["score", "--features", str(features), "-o", str(tmp_path / "other.h5"),
+    result = CliRunner().invoke(main, ["score", "--features", str(features), "-o",
+                                       str(tmp_path / "other.h5"),
                                        "--no-progress", "--overwrite"])
     assert result.exit_code == 0, result.output

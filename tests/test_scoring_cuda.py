@@ -19,24 +19,31 @@ def _check_against_brute_force(scores, distance, shift, correlation, match, tie_
     clean = ~near.any(axis=1)
     known = match >= 0
     rows = np.flatnonzero(known)
-    np.testing.assert_array_equal(scores["rank"][clean], ranks_reference(distance, match, tie_rule)[clean])
+    np.testing.assert_array_equal(scores["rank"][clean], ranks_reference(distance, match,
+                                                                         tie_rule)[clean])
     assert np.all(scores["rank"][~known] == 0)
-    np.testing.assert_allclose(scores["true_distance"][rows], distance[rows, match[rows]], atol=1e-6)
+    np.testing.assert_allclose(scores["true_distance"][rows], distance[rows, match[rows]],
+                               atol=1e-6)
     np.testing.assert_array_equal(scores["true_shift"][rows], shift[rows, match[rows]])
-    np.testing.assert_array_equal(scores["topk/index"][clean], topk_reference(distance, topk)[clean])
+    np.testing.assert_array_equal(scores["topk/index"][clean], topk_reference(distance,
+                                                                              topk)[clean])
     np.testing.assert_allclose(scores["topk/distance"],
                                np.take_along_axis(distance, scores["topk/index"], 1), atol=1e-6)
     if "distance" in scores:
         np.testing.assert_allclose(scores["distance"][~near], distance[~near], atol=5e-6)
-        np.testing.assert_array_equal(scores["distance"][rows, match[rows]], scores["true_distance"][rows])
+        np.testing.assert_array_equal(scores["distance"][rows, match[rows]],
+                                      scores["true_distance"][rows])
 
 
 def _problem(tmp_path, ground_width, num_ground=70, num_aerial=53):
-    ground, aerial, match, _ = make_problem(100 + ground_width, num_ground, num_aerial, ground_width)
+    ground, aerial, match, _ = make_problem(100 + ground_width, num_ground, num_aerial,
+                                            ground_width)
     match[[2, 9]] = -1
-    features = write_feature_store(tmp_path / "features.h5", ground_features=ground, aerial_features=aerial,
+    features = write_feature_store(tmp_path / "features.h5", ground_features=ground,
+                                   aerial_features=aerial,
                                    match=match)
-    distance, shift, correlation = reference_for(("cuda", ground_width, num_ground, num_aerial), ground, aerial)
+    distance, shift, correlation = reference_for(("cuda", ground_width, num_ground, num_aerial),
+                                                 ground, aerial)
     return features, match, distance, shift, correlation
 
 
@@ -45,25 +52,30 @@ def _problem(tmp_path, ground_width, num_ground=70, num_aerial=53):
 def test_fused_kernel_matches_brute_force(tmp_path, ground_width, tie_rule):
     features, match, distance, shift, correlation = _problem(tmp_path, ground_width)
     # 24 queries per launch: the last of the 16-query thread blocks is partly empty.
-    summary = score_feature_store(features, tmp_path / "scores.h5", device="cuda", topk=6, tile=(24, 8),
+    summary = score_feature_store(features, tmp_path / "scores.h5", device="cuda", topk=6,
+                                  tile=(24, 8),
                                   ties=tie_rule, store_matrix=True, progress=False)
     assert summary["kernel"] == "cupy-fused-spectral", summary["kernel_fallback_reason"]
     scores = read_scores(tmp_path / "scores.h5")
     _check_against_brute_force(scores, distance, shift, correlation, match, tie_rule, 6)
-    np.testing.assert_array_equal(scores["topk/shift"], np.take_along_axis(shift, scores["topk/index"], 1))
+    np.testing.assert_array_equal(scores["topk/shift"], np.take_along_axis(shift,
+                                                                           scores["topk/index"], 1))
 
 
 @pytest.mark.requires_cupy
 def test_fused_kernel_vertical_search(tmp_path):
     ground, aerial, match = vertical_problem(21, 29, 37, 4.0)
-    features = write_feature_store(tmp_path / "features.h5", ground_features=ground, aerial_features=aerial,
+    features = write_feature_store(tmp_path / "features.h5", ground_features=ground,
+                                   aerial_features=aerial,
                                    match=match, attrs={"model_config": {"vertical_search": True}})
-    summary = score_feature_store(features, tmp_path / "scores.h5", device="cuda", topk=4, progress=False)
+    summary = score_feature_store(features, tmp_path / "scores.h5", device="cuda", topk=4,
+                                  progress=False)
     assert summary["kernel"] == "cupy-fused-spectral", summary["kernel_fallback_reason"]
     distance, flat_shift, correlation = vertical_distance_reference(ground, aerial)
     scores = read_scores(tmp_path / "scores.h5")
     clean = ~shift_near_ties(correlation).any(axis=1)
-    np.testing.assert_array_equal(scores["rank"][clean], ranks_reference(distance, match, "pessimistic")[clean])
+    np.testing.assert_array_equal(scores["rank"][clean], ranks_reference(distance, match,
+                                                                         "pessimistic")[clean])
     np.testing.assert_array_equal(scores["topk/index"][clean], topk_reference(distance, 4)[clean])
 
 
@@ -77,7 +89,8 @@ def test_fused_kernel_near_list_and_counts_cover_every_pair(tmp_path):
     ground, aerial, match, _ = make_problem(31, 20, 17, 13)
     geometry = Geometry.from_shapes(ground.shape[1:], aerial.shape[1:])
     energy = window_energy_float64(aerial, 4, 13)
-    scorer = FusedScorer(geometry, aerial.astype(np.float32), energy, ties="pessimistic", candidates=5,
+    scorer = FusedScorer(geometry, aerial.astype(np.float32), energy, ties="pessimistic",
+                         candidates=5,
                          band=10.0, queries_per_launch=20)
     scorer.near_capacity = 4
     distance, _, _ = reference_for(("cuda", 13, 20, 17), ground, aerial)
@@ -100,11 +113,14 @@ def test_fused_kernel_near_list_and_counts_cover_every_pair(tmp_path):
 
 
 @pytest.mark.requires_cuda
-@pytest.mark.parametrize("ground_width, algorithm", [(64, "spectral"), (13, "spectral"), (13, "direct")])
+@pytest.mark.parametrize("ground_width, algorithm",
+                         [(64, "spectral"), (13, "spectral"), (13, "direct")])
 def test_torch_cuda_fallback_matches_brute_force(tmp_path, ground_width, algorithm):
     features, match, distance, shift, correlation = _problem(tmp_path, ground_width)
-    summary = score_feature_store(features, tmp_path / "scores.h5", device="cuda", topk=6, tile=(24, 16),
-                                  algorithm=algorithm, store_matrix=True, use_kernel=False, progress=False)
+    summary = score_feature_store(features, tmp_path / "scores.h5", device="cuda", topk=6,
+                                  tile=(24, 16),
+                                  algorithm=algorithm, store_matrix=True, use_kernel=False,
+                                  progress=False)
     assert summary["kernel"] == f"torch-cuda-{algorithm}"
     scores = read_scores(tmp_path / "scores.h5")
     _check_against_brute_force(scores, distance, shift, correlation, match, "pessimistic", 6)
@@ -114,7 +130,8 @@ def test_torch_cuda_fallback_matches_brute_force(tmp_path, ground_width, algorit
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_reduced_precision_records_rank_changes_against_fp32(tmp_path, precision):
     features, match, distance, _, _ = _problem(tmp_path, 64)
-    score_feature_store(features, tmp_path / "scores.h5", device="cuda", precision=precision, progress=False)
+    score_feature_store(features, tmp_path / "scores.h5", device="cuda", precision=precision,
+                        progress=False)
     scores = read_scores(tmp_path / "scores.h5")
     check = json.loads(scores["attrs"]["precision_check"])
     assert check["queries_checked"] == int((match >= 0).sum())

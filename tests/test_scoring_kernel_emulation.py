@@ -41,7 +41,8 @@ static inline void __syncthreads() { emulated_barrier->arrive_and_wait(); }
 static inline float __int_as_float(int bits) { return std::bit_cast<float>(bits); }
 static inline unsigned int atomicAdd(unsigned int* address, unsigned int value)
 { return std::atomic_ref<unsigned int>(*address).fetch_add(value); }
-static inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
+static inline int atomicAdd(int* address, int value)
+{ return std::atomic_ref<int>(*address).fetch_add(value); }
 using std::min;
 #define __global__
 #define __device__
@@ -55,12 +56,14 @@ using std::min;
 DRIVER = r"""
 #include "kernel.cu"
 extern "C" void set_basis(const float* basis) { std::memcpy(c_basis, basis, sizeof(c_basis)); }
-extern "C" void run_grid(int grid_x, int grid_y, const float2* query_spectra, const float2* tile_spectra,
-                         const float* inv_root, const float* true_distance, const int* match,
+extern "C" void run_grid(int grid_x, int grid_y, const float2* query_spectra,
+                         const float2* tile_spectra, const float* inv_root,
+                         const float* true_distance, const int* match,
                          int num_queries, int num_tiles, int tiles_per_split, int num_splits,
                          int pessimistic, float band, unsigned int* counts, int* near_count,
                          int* near_pairs, int near_capacity, float* candidate_distance,
-                         int* candidate_index, int* candidate_shift, int write_matrix, float* matrix)
+                         int* candidate_index, int* candidate_shift, int write_matrix,
+                         float* matrix)
 {
     for (int y = 0; y < grid_y; ++y) {
         for (int x = 0; x < grid_x; ++x) {
@@ -72,10 +75,11 @@ extern "C" void run_grid(int grid_x, int grid_y, const float2* query_spectra, co
             for (int t = 0; t < CVIG_THREADS; ++t) {
                 threads.emplace_back([=]() {
                     threadIdx.x = t;
-                    cvig_score(query_spectra, tile_spectra, inv_root, true_distance, match, num_queries,
-                               num_tiles, tiles_per_split, num_splits, pessimistic, band, counts,
-                               near_count, near_pairs, near_capacity, candidate_distance,
-                               candidate_index, candidate_shift, write_matrix, matrix);
+                    cvig_score(query_spectra, tile_spectra, inv_root, true_distance, match,
+                               num_queries, num_tiles, tiles_per_split, num_splits,
+                               pessimistic, band, counts, near_count, near_pairs, near_capacity,
+                               candidate_distance, candidate_index, candidate_shift, write_matrix,
+                               matrix);
                 });
             }
             for (auto& thread : threads) thread.join();
@@ -95,7 +99,8 @@ def _compiler():
     return compiler if probe.returncode == 0 else None
 
 
-pytestmark = pytest.mark.skipif(_compiler() is None, reason="needs g++ with C++20 <barrier> and <bit>")
+pytestmark = pytest.mark.skipif(_compiler() is None,
+                                reason="needs g++ with C++20 <barrier> and <bit>")
 
 
 _LIBRARIES = {}
@@ -120,14 +125,16 @@ class EmulatedKernel:
         (directory / "kernel.cu").write_text(kernel_source())
         (directory / "driver.cpp").write_text(DRIVER)
         library = directory / "kernel.so"
-        command = [_compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
+        command = [_compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
+                   "-Wno-unknown-pragmas",
                    "-include", str(directory / "shim.h"), *options, str(directory / "driver.cpp"),
                    "-o", str(library)]
         subprocess.run(command, check=True, capture_output=True, text=True)
         library = ctypes.CDLL(str(library))
-        library.run_grid.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [
-            ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [
-            ctypes.c_int, ctypes.c_void_p]
+        integer, pointer = ctypes.c_int, ctypes.c_void_p
+        library.run_grid.argtypes = ([integer] * 2 + [pointer] * 5 + [integer] * 5
+                                     + [ctypes.c_float] + [pointer] * 3 + [integer]
+                                     + [pointer] * 3 + [integer, pointer])
         return library
 
     def run(self, ground, aerial, energy, match, true_distance, *, pessimistic=True, band=0.0,
@@ -149,8 +156,10 @@ class EmulatedKernel:
             "matrix": np.full((count, num_tiles), -7.0, dtype=np.float32),  # poisoned: all written?
         }
         pointer = {name: array.ctypes.data_as(ctypes.c_void_p) for name, array in arrays.items()}
-        self.library.run_grid(-(-count // QUERIES_PER_BLOCK), splits, pointer["query"], pointer["tiles"],
-                              pointer["inv_root"], pointer["true"], pointer["match"], count, num_tiles,
+        self.library.run_grid(-(-count // QUERIES_PER_BLOCK), splits, pointer["query"],
+                              pointer["tiles"],
+                              pointer["inv_root"], pointer["true"], pointer["match"], count,
+                              num_tiles,
                               per_split, splits, int(pessimistic), band, pointer["counts"],
                               pointer["near_count"], pointer["near_pairs"], near_capacity,
                               pointer["candidate_distance"], pointer["candidate_index"],
@@ -189,14 +198,19 @@ def test_emulated_kernel_matches_brute_force(tmp_path, ground_width, multiproces
     gaps[np.arange(41), np.maximum(match, 0)] = np.inf
     clean &= ~(gaps < 1e-5).any(axis=1)  # float32 cannot order distances this close to d_true
     expected_ranks = ranks_reference(distance, match, tie_rule)
-    np.testing.assert_array_equal((out["counts"].astype(np.int64) + 1)[clean & known], expected_ranks[clean & known])
+    np.testing.assert_array_equal((out["counts"].astype(np.int64) + 1)[clean & known],
+                                  expected_ranks[clean & known])
     assert np.all(out["counts"][~known] == 0)
 
-    merged = merge_candidates(out["candidate_distance"].reshape(41, -1), out["candidate_index"].reshape(41, -1),
+    merged = merge_candidates(out["candidate_distance"].reshape(41, -1),
+                              out["candidate_index"].reshape(41, -1),
                               out["candidate_shift"].reshape(41, -1), 29, 7)
     np.testing.assert_array_equal(merged["index"][clean], topk_reference(distance, 7)[clean])
-    np.testing.assert_array_equal(merged["shift"][clean], np.take_along_axis(shift, merged["index"], 1)[clean])
-    np.testing.assert_allclose(merged["distance"], np.take_along_axis(distance, merged["index"], 1), atol=2e-6)
+    np.testing.assert_array_equal(merged["shift"][clean], np.take_along_axis(shift,
+                                                                             merged["index"],
+                                                                             1)[clean])
+    np.testing.assert_allclose(merged["distance"], np.take_along_axis(distance, merged["index"],
+                                                                      1), atol=2e-6)
 
 
 def test_emulated_kernel_near_list_and_vertical_search(tmp_path):
@@ -212,8 +226,9 @@ def test_emulated_kernel_near_list_and_vertical_search(tmp_path):
 
     listed = out["near_count"][0]
     pairs = out["near_pairs"][:2 * listed].reshape(-1, 2)
+    gap = np.abs(out["matrix"] - true[:, None].astype(np.float32))
     expected_near = {(n, m) for n in range(21) for m in range(19)
-                     if m != match[n] and abs(out["matrix"][n, m] - np.float32(true[n])) <= np.float32(0.05)}
+                     if m != match[n] and gap[n, m] <= np.float32(0.05)}
     assert {tuple(pair) for pair in pairs.tolist()} == expected_near and listed > 0
     counted = np.zeros(21, dtype=np.int64)
     for n in range(21):
@@ -221,11 +236,14 @@ def test_emulated_kernel_near_list_and_vertical_search(tmp_path):
             if m != match[n] and (n, m) not in expected_near and distance[n, m] <= true[n]:
                 counted[n] += 1
     np.testing.assert_array_equal(out["counts"], counted)
-    merged = merge_candidates(out["candidate_distance"].reshape(21, -1), out["candidate_index"].reshape(21, -1),
+    merged = merge_candidates(out["candidate_distance"].reshape(21, -1),
+                              out["candidate_index"].reshape(21, -1),
                               out["candidate_shift"].reshape(21, -1), 19, 4)
     clean = ~near.any(axis=1)
     np.testing.assert_array_equal(merged["index"][clean], topk_reference(distance, 4)[clean])
-    np.testing.assert_array_equal(merged["shift"][clean], np.take_along_axis(flat_shift, merged["index"], 1)[clean])
+    np.testing.assert_array_equal(merged["shift"][clean], np.take_along_axis(flat_shift,
+                                                                             merged["index"],
+                                                                             1)[clean])
 
 
 def test_emulated_kernel_reports_near_list_overflow(tmp_path):

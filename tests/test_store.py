@@ -35,7 +35,8 @@ def test_round_trip(tmp_path, dtype):
         tolerance = 1e-3 if dtype == np.float16 else 1e-7
         np.testing.assert_allclose(store.ground_features(2, 4), arrays["ground_features"][2:4],
                                    rtol=tolerance, atol=tolerance)
-        np.testing.assert_allclose(store.aerial_features(), arrays["aerial_features"], rtol=tolerance,
+        np.testing.assert_allclose(store.aerial_features(), arrays["aerial_features"],
+                                   rtol=tolerance,
                                    atol=tolerance)
         assert store.aerial_dtype() == dtype
         assert store.model_config == {"fov": 70.0, "vertical_search": False}
@@ -61,13 +62,16 @@ def _edit(path, function):
     (lambda h: h.attrs.__setitem__("format_version", 7), "format_version 7 is not supported"),
     (lambda h: h.attrs.__setitem__("model_config", "{oops"), "model_config is not valid JSON"),
     (lambda h: h.__delitem__("ground/match"), "/ground/match is missing"),
-    (lambda h: (h.__delitem__("ground/match"), h.create_dataset("ground/match", data=np.zeros(4, int))),
+    (lambda h: (h.__delitem__("ground/match"),
+                h.create_dataset("ground/match", data=np.zeros(4, int))),
      "/ground/match has 4 rows"),
     (lambda h: (h.__delitem__("ground/match"), h.create_dataset("ground/match", data=np.zeros(6))),
      "must be integers"),
-    (lambda h: (h.__delitem__("ground/ids"), h.create_dataset("ground/ids", data=np.array([b"x"] * 2))),
+    (lambda h: (h.__delitem__("ground/ids"), h.create_dataset("ground/ids",
+                                                              data=np.array([b"x"] * 2))),
      "/ground/ids has shape (2,)"),
-    (lambda h: (h.__delitem__("aerial/features"), h.create_dataset("aerial/features", data=np.zeros((5, 4, 8)))),
+    (lambda h: (h.__delitem__("aerial/features"), h.create_dataset("aerial/features",
+                                                                   data=np.zeros((5, 4, 8)))),
      "/aerial/features must have 4 dimensions"),
     (lambda h: (h.__delitem__("aerial/features"),
                 h.create_dataset("aerial/features", data=np.zeros((5, 4, 2, 8), dtype=np.int32))),
@@ -95,7 +99,8 @@ def test_vertical_search_allows_a_taller_aerial_map(tmp_path):
     rng = np.random.default_rng(4)
     arrays = _arrays(rng)
     arrays["aerial_features"] = rng.standard_normal((5, 4, 4, 8))
-    path = write_feature_store(tmp_path / "f.h5", **arrays, attrs={"model_config": {"vertical_search": True}})
+    path = write_feature_store(tmp_path / "f.h5", **arrays,
+                               attrs={"model_config": {"vertical_search": True}})
     with open_feature_store(path) as store:
         assert store.vertical_search and store.aerial_shape == (4, 4, 8)
     write_feature_store(path, **arrays)

@@ -227,41 +227,13 @@ def _files(folder):
     }
 
 
-def test_same_seed_gives_byte_identical_files_whatever_the_workers_and_another_seed_does_not(
-    tmp_path,
-):
+def test_same_seed_gives_identical_files_whatever_the_workers_and_another_seed_does_not(tmp_path):
     knobs = dict(pairs=12, cities=3, seed=4, city_size=400.0, unusable_fraction=0.2, **TINY)
     synthesize(tmp_path / "a", progress=False, **knobs)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cvig_engine.cli",
-            "synth",
-            "-o",
-            str(tmp_path / "b"),
-            "--pairs",
-            "12",
-            "--cities",
-            "3",
-            "--seed",
-            "4",
-            "--city-size",
-            "400",
-            "--unusable-fraction",
-            "0.2",
-            "--tile-size",
-            "64",
-            "--pano-height",
-            "32",
-            "--pano-width",
-            "128",
-            "--workers",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    arguments = ("--pairs 12 --cities 3 --seed 4 --city-size 400 --unusable-fraction 0.2 "
+                 "--tile-size 64 --pano-height 32 --pano-width 128 --workers 2").split()
+    command = [sys.executable, "-m", "cvig_engine.cli", "synth", "-o", str(tmp_path / "b")]
+    result = subprocess.run(command + arguments, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     first, second = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert len(first) == 4 + 1 + 12 * 6  # 4 CSVs, synth.json, per pair 2 images and 4 masks
@@ -391,7 +363,7 @@ def test_unusable_photos_are_close_ups_flagged_in_the_csv(tmp_path):
         (["--tile-extent", "0"], "--tile-extent"),
         (["--fov", "0"], "--fov"),
         (["--fov", "361"], "--fov"),
-        (["--cities", "1"], "--cities"),
+        (["--cities", "2", "--test-cities", "3"], "--test-cities"),
         (["--pairs", "3", "--cities", "4"], "--pairs"),
         (["--unusable-fraction", "1.5"], "--unusable-fraction"),
     ],

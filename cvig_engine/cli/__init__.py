@@ -11,14 +11,16 @@ from cvig_engine.errors import CvigInputError, CvigMissingDependency
 
 # module name -> attribute holding the click command (or group)
 COMMAND_MODULES = [
-    ("evaluate", "evaluate_command"),
-    ("filter", "filter_command"),
-    ("train", "train_command"),
     ("synth", "synth_command"),
-    ("embed", "embed_command"),
+    ("train", "train_command"),
     ("export", "export_command"),
+    ("embed", "embed_command"),
     ("score", "score_command"),
+    ("evaluate", "evaluate_command"),
+    ("demo", "demo_command"),
+    ("locate", "locate_command"),
     ("bench", "bench_group"),
+    ("filter", "filter_command"),
 ]
 
 

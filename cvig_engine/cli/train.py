@@ -31,6 +31,8 @@ import click
               help="Use the central fraction of each tile (compare overhead extents).")
 @click.option("--no-orientation-search", "baseline", is_flag=True, help="Liu & Li style baseline.")
 @click.option("--vertical-search", is_flag=True, help="Taller aerial map, vertical + horizontal search.")
+@click.option("--image-scale", type=click.Choice(["1", "0.5"]), default="1", show_default=True,
+              help="0.5 halves every input image (tiny backbone; 4x less compute).")
 @click.option("--in-channels", type=click.Choice(["3", "5"]), default="3", show_default=True,
               help="5 adds the building and road masks listed in the CSV.")
 @click.option("--vgg-weights", type=click.Path(dir_okay=False), envvar="CVIG_VGG16_WEIGHTS",
@@ -40,7 +42,7 @@ import click
 def train_command(data_csv, run_dir, backbone, fov, ground_width_rule, epochs, batch_size, learning_rate,
                   alpha, validation_size, patience, min_delta, max_minutes, seed, cities, exclude_cities,
                   global_mining, init_from, tile_offset_px, aerial_crop, baseline, vertical_search,
-                  in_channels, vgg_weights, device, skip_bad):
+                  image_scale, in_channels, vgg_weights, device, skip_bad):
     """Train the twin model with the soft-margin triplet loss (resumable)."""
     import json
     import logging
@@ -54,6 +56,7 @@ def train_command(data_csv, run_dir, backbone, fov, ground_width_rule, epochs, b
         batch_size=batch_size, learning_rate=learning_rate, alpha=alpha, validation_size=validation_size,
         patience=patience, min_delta=min_delta, seed=seed, max_minutes=max_minutes, global_mining=global_mining,
         init_from=init_from, tile_offset_px=tile_offset_px, aerial_crop=aerial_crop,
-        vgg_weights=vgg_weights, device=device, skip_bad=skip_bad)
+        vgg_weights=vgg_weights, device=device, skip_bad=skip_bad,
+        image_scale=float(image_scale))
     summary = train(data_csv, run_dir, options, cities=cities or None, exclude_cities=exclude_cities or None)
     click.echo(json.dumps(summary, indent=2))

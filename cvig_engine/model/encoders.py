@@ -157,13 +157,15 @@ def _backbone_layout(config):
     if config["backbone"] == "vgg16":
         return _VGG16_LAYOUT
     c1, c2, c3, c4 = config.get("tiny_channels", _TINY_DEFAULT_CHANNELS)
+    if config.get("pools", 3) == 2:  # half-size inputs: one pool fewer keeps the 16x4x64 output
+        return [c1, "M", c2, "M", c3, c4]
     return [c1, "M", c2, "M", c3, "M", c4]
 
 
-def ground_feature_width(ground_width: int, rule: str) -> int:
-    """Width of the ground feature map after three 2x2 pools under the given rounding rule."""
+def ground_feature_width(ground_width: int, rule: str, pools: int = 3) -> int:
+    """Width of the ground feature map after the 2x2 pools under the given rounding rule."""
     width = ground_width
-    for _ in range(3):
+    for _ in range(pools):
         width = math.ceil(width / 2) if rule == "dsm" else width // 2
     return width
 
@@ -171,8 +173,16 @@ def ground_feature_width(ground_width: int, rule: str) -> int:
 def model_config(backbone="vgg16", fov=360.0, in_channels=3, ground_width_rule="witw",
                  orientation_search=True, vertical_search=False, trainable_convolutions="default",
                  aerial_size=256, ground_height=128, polar_height=128, polar_width=512,
-                 tiny_channels=_TINY_DEFAULT_CHANNELS, batch_norm=None) -> dict:
+                 tiny_channels=_TINY_DEFAULT_CHANNELS, batch_norm=None, image_scale=1.0) -> dict:
     """Validated, JSON-able model configuration (see ``build_model``)."""
+    if image_scale not in (1.0, 0.5):
+        raise CvigInputError(f"image_scale must be 1 or 0.5, got {image_scale}")
+    if image_scale != 1.0:
+        if backbone != "tiny":
+            raise CvigInputError("half-size inputs (image_scale 0.5) exist for the tiny backbone only")
+        aerial_size, ground_height = int(aerial_size * image_scale), int(ground_height * image_scale)
+        polar_height, polar_width = int(polar_height * image_scale), int(polar_width * image_scale)
+    pools = 3 if image_scale == 1.0 else 2
     if backbone not in ("vgg16", "tiny"):
         raise CvigInputError(f"unknown backbone {backbone!r}: use 'vgg16' or 'tiny'")
     fov = float(fov)
@@ -192,12 +202,13 @@ def model_config(backbone="vgg16", fov=360.0, in_channels=3, ground_width_rule="
     if ground_width < 8:
         raise CvigInputError(f"field of view {fov} deg gives a ground image {ground_width} px wide: too narrow")
     feature_channels = 16
-    aerial_height = polar_height // 32 * (2 if vertical_search else 1)
-    ground_height_features = ground_height // 32
+    # The pools halve both sides; the two stride-(2, 1) head convolutions halve the height twice.
+    aerial_height = polar_height // (4 << pools) * (2 if vertical_search else 1)
+    ground_height_features = ground_height // (4 << pools)
     if orientation_search:
-        aerial_shape = [feature_channels, aerial_height, polar_width // 8]
+        aerial_shape = [feature_channels, aerial_height, polar_width >> pools]
         ground_shape = [feature_channels, ground_height_features,
-                        ground_feature_width(ground_width, ground_width_rule)]
+                        ground_feature_width(ground_width, ground_width_rule, pools)]
     else:
         descriptor = feature_channels * ground_height_features * 8
         aerial_shape = ground_shape = [descriptor, 1, 1]
@@ -218,6 +229,8 @@ def model_config(backbone="vgg16", fov=360.0, in_channels=3, ground_width_rule="
         "vertical_search": bool(vertical_search),
         "trainable_convolutions": trainable_convolutions,
         "tiny_channels": list(tiny_channels),
+        "image_scale": float(image_scale),
+        "pools": pools,
         # The tiny net trains from scratch: batch norm after its convolutions makes that converge in
         # minutes on a CPU (without it the triplet loss sits near log 2 for hundreds of steps).
         "batch_norm": backbone == "tiny" if batch_norm is None else bool(batch_norm),
@@ -232,7 +245,7 @@ def model_config(backbone="vgg16", fov=360.0, in_channels=3, ground_width_rule="
 def build_model(backbone="vgg16", fov=360.0, in_channels=3, ground_width_rule="witw",
                 orientation_search=True, vertical_search=False, trainable_convolutions="default",
                 vgg_weights=None, aerial_size=256, tiny_channels=_TINY_DEFAULT_CHANNELS,
-                batch_norm=None, config=None) -> TwinModel:
+                batch_norm=None, image_scale=1.0, config=None) -> TwinModel:
     """Build the twin model.
 
     Args:
@@ -250,6 +263,8 @@ def build_model(backbone="vgg16", fov=360.0, in_channels=3, ground_width_rule="w
         aerial_size: side of the raw overhead tile fed to the polar transform.
         tiny_channels: channels of the tiny backbone's four convolutions.
         batch_norm: batch norm after each backbone convolution (default: tiny only).
+        image_scale: 0.5 halves every input image (tiny only; one pool fewer keeps the
+            16 x 4 x 64 aerial map): four times less compute, for CPU demos.
         config: a full config dict (as saved in checkpoints) instead of the keywords above.
     """
     if config is None:
@@ -259,7 +274,7 @@ def build_model(backbone="vgg16", fov=360.0, in_channels=3, ground_width_rule="w
                               vertical_search=vertical_search,
                               trainable_convolutions=trainable_convolutions,
                               aerial_size=aerial_size, tiny_channels=tiny_channels,
-                              batch_norm=batch_norm)
+                              batch_norm=batch_norm, image_scale=image_scale)
     model = TwinModel(config)
     if config["backbone"] == "vgg16" and vgg_weights is not False:
         vgg_weights = vgg_weights or os.environ.get(VGG_WEIGHTS_ENV)

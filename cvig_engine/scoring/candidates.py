@@ -1,4 +1,4 @@
-"""Running top-K candidates per query, selected tile by tile and merged in (distance, index) order."""
+"""Running top-K candidates per query, chosen tile by tile, merged in (distance, index) order."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +7,7 @@ __all__ = ["CandidateList"]
 
 
 def _lexicographic(distance, index, shift):
-    """Sort each row by (distance, index): a stable sort by index, then a stable sort by distance."""
+    """Sort each row by (distance, index): stable sorts by index, then by distance."""
     order = torch.sort(index, dim=1, stable=True).indices
     distance, index, shift = (values.gather(1, order) for values in (distance, index, shift))
     order = torch.sort(distance, dim=1, stable=True).indices

@@ -44,7 +44,8 @@ def kernel_options(geometry: Geometry, candidates: int) -> tuple:
 def tile_spectra(aerial, geometry: Geometry, xp=np):
     """complex64 [n, V, K, F]: the rfft over the width of each vertical window (numpy or cupy)."""
     spectrum = xp.fft.rfft(xp.asarray(aerial, dtype=xp.float64), axis=-1)  # [n, C, Ha, F]
-    windows = [spectrum[:, :, v:v + geometry.ground_height].reshape(len(spectrum), geometry.depth, -1)
+    height = geometry.ground_height
+    windows = [spectrum[:, :, v:v + height].reshape(len(spectrum), geometry.depth, -1)
                for v in range(geometry.vertical)]
     return xp.stack(windows, axis=1).astype(xp.complex64)
 
@@ -116,7 +117,8 @@ class FusedScorer:
             raise CvigMissingDependency("the CUDA kernel needs CuPy: pip install 'cvig-engine[gpu]'"
                                         ) from None
         if geometry.aerial_width > MAX_WIDTH:
-            raise ValueError(f"the fused kernel takes W <= {MAX_WIDTH}, got {geometry.aerial_width}")
+            raise ValueError(f"the fused kernel takes W <= {MAX_WIDTH}, "
+                             f"got {geometry.aerial_width}")
         self.cupy = cupy
         self.geometry = geometry
         self.ties = ties
@@ -166,7 +168,8 @@ class FusedScorer:
                 np.int32(count), np.int32(self.num_tiles), np.int32(self.tiles_per_split),
                 np.int32(self.splits), np.int32(self.ties == "pessimistic"),
                 np.float32(self.band), counts, near_count, near_pairs, np.int32(self.near_capacity),
-                candidate_distance, candidate_index, candidate_shift, np.int32(want_matrix), matrix))
+                candidate_distance, candidate_index, candidate_shift, np.int32(want_matrix),
+                matrix))
             listed = int(near_count.get()[0])
             if listed <= self.near_capacity:
                 break

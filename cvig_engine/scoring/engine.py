@@ -232,7 +232,8 @@ class _Scorer:
                     exact, counts_against = self._refine(block, rows, columns + tile_start)
                     rows_t = torch.from_numpy(rows).to(device)
                     columns_t = torch.from_numpy(columns).to(device)
-                    distance[rows_t, columns_t] = torch.from_numpy(exact.astype(np.float32)).to(device)
+                    exact32 = torch.from_numpy(exact.astype(np.float32)).to(device)
+                    distance[rows_t, columns_t] = exact32
                     counted[rows_t, columns_t] = torch.from_numpy(counts_against).to(device)
             counted[true_rows, true_columns] = False
             counts += counted.sum(dim=1)
@@ -309,7 +310,8 @@ class _Scorer:
             "topk/shift": (top_shift % width).astype(np.int32),
         }
         if self.geometry.vertical > 1:
-            results["true_vertical"] = np.where(known, block.true_shift // width, -1).astype(np.int32)
+            vertical = np.where(known, block.true_shift // width, -1)
+            results["true_vertical"] = vertical.astype(np.int32)
             results["topk/vertical"] = (top_shift // width).astype(np.int32)
         return results
 
@@ -367,8 +369,8 @@ def score_feature_store(features, output, *, topk: int = 10, device: str = "auto
         raise CvigInputError(f"{output}: the scores file cannot be the feature store itself")
     with open_feature_store(features) as store:
         if store.num_ground == 0 or store.num_aerial == 0:
-            raise CvigInputError(f"{store.path}: nothing to score ({store.num_ground} ground photos, "
-                                 f"{store.num_aerial} aerial tiles)")
+            raise CvigInputError(f"{store.path}: nothing to score ({store.num_ground} ground "
+                                 f"photos, {store.num_aerial} aerial tiles)")
         found = store.attributes.get("model_sha256")
         if expected_model_sha256 is not None and found != expected_model_sha256:
             raise CvigInputError(f"{store.path}: made by another model (model_sha256 {found!r}, "
@@ -436,7 +438,8 @@ def _score(store, output, *, geometry, topk, device, tile, store_matrix, ties, p
             block_started = time.perf_counter()
             start = block_index * block_size
             stop = min(start + block_size, num_queries)
-            block = scorer.prepare(start, store.ground_features(start, stop), store.match[start:stop])
+            block = scorer.prepare(start, store.ground_features(start, stop),
+                                   store.match[start:stop])
             counts, candidate_tiles = scorer.score(block, writer)
             results = scorer.finish(block, counts, candidate_tiles, topk)
             scores.write_block(block_index, start, results, time.perf_counter() - block_started)

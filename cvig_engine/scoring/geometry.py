@@ -191,7 +191,7 @@ def normalised_ground(ground) -> np.ndarray:
 
 
 def ground_spectra(ground, width: int) -> np.ndarray:
-    """rfft over the width, zero-padded to W, of the normalised ground maps: complex128 [n, C, H, F]."""
+    """rfft over the width (zero-padded to W) of the normalised ground maps [n, C, H, F]."""
     return np.fft.rfft(normalised_ground(ground), n=width, axis=-1)
 
 

@@ -172,6 +172,15 @@ class TileScorer:
             torch.bmm(query_operands, tile_operands, out=out)
         return out
 
+    def _halves(self, flat_products, pairs):
+        """E[o] and O[o] for o < W/2 from the even- and odd-frequency rows: [pairs, W/2] each."""
+        split, half = self.layout.even_rows, self.geometry.aerial_width // 2
+        even = torch.mm(flat_products[:split].T, self.basis_even,
+                        out=self._buffer("even", (pairs, half)))  # period W/2
+        odd = torch.mm(flat_products[split:].T, self.basis_odd,
+                       out=self._buffer("odd", (pairs, half)))  # antiperiodic
+        return even, odd
+
     def _spectral(self, query_operands, aerial_operands):
         """Best correlation [n, Ta] and the index of its window energy (None: per tile).
 
@@ -189,8 +198,7 @@ class TileScorer:
             # Only the maximum is needed, and max(E + O, E - O) = E + |O| exactly (rounding is
             # monotone): no correlation buffer. E and O stay for ``shifts_of``.
             self._products(query_operands, aerial_operands[0], products)
-            even = torch.mm(flat_products[:split].T, self.basis_even, out=self._buffer("even", (pairs, half)))
-            odd = torch.mm(flat_products[split:].T, self.basis_odd, out=self._buffer("odd", (pairs, half)))
+            even, odd = self._halves(flat_products, pairs)
             upper = torch.abs(odd, out=self._buffer("upper", (pairs, half))).add_(even)
             self._last = ("halves", {"even": even, "odd": odd, "tiles": tiles})
             return upper.amax(dim=1).view(count, tiles), None
@@ -200,8 +208,7 @@ class TileScorer:
             if split is None:
                 torch.mm(flat_products.T, self.basis_full, out=correlation[:, v, :])
                 continue
-            even = torch.mm(flat_products[:split].T, self.basis_even, out=self._buffer("even", (pairs, half)))
-            odd = torch.mm(flat_products[split:].T, self.basis_odd, out=self._buffer("odd", (pairs, half)))
+            even, odd = self._halves(flat_products, pairs)
             torch.add(even, odd, out=correlation[:, v, :half])  # corr[o]
             torch.sub(even, odd, out=correlation[:, v, half:])  # corr[o + W/2]
         flat = correlation.view(pairs, geometry.shifts)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -260,7 +261,7 @@ class _Rays:
     def steps(self) -> int:
         return len(self.radii)
 
-    @property
+    @cached_property
     def sample(self) -> np.ndarray:
         """[height, width] index into the per-sample arrays (escaping rays: their last sample)."""
         return np.arange(self.width)[None, :] * self.steps + np.minimum(self.hit, self.steps - 1)

@@ -113,14 +113,11 @@ class SynthSettings:
             raise CvigInputError(f"--hotspots must be >= 0, got {self.hotspots}")
         if self.seed < 0:
             raise CvigInputError(f"--seed must be >= 0, got {self.seed}")
-        if self.cities < 2:
+        # test_cities == cities makes a test-only world (train.csv holds just its header), e.g.
+        # a held-out city for the demo.
+        if not 1 <= self.test_cities <= self.cities:
             raise CvigInputError(
-                f"--cities must be at least 2 (the test split holds out whole cities), "
-                f"got {self.cities}"
-            )
-        if not 1 <= self.test_cities < self.cities:
-            raise CvigInputError(
-                f"--test-cities must be between 1 and --cities - 1 ({self.cities - 1}), "
+                f"--test-cities must be between 1 and --cities ({self.cities}), "
                 f"got {self.test_cities}"
             )
         if self.pairs < self.cities:
