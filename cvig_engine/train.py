@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cvig_engine.errors import CvigInputError
-from cvig_engine.files import file_sha256
+from cvig_engine.files import atomic_write_text, file_sha256
 from cvig_engine.model import build_model, orientation_distance, save_checkpoint, triplet_loss
 from cvig_engine.model.checkpoint import read_checkpoint_document, read_state_dict
 
@@ -145,6 +145,7 @@ class _Trainer:
         self.options = options
         self.run_dir = run_dir
         self.device = resolve_device(options.device)
+        torch.manual_seed(options.seed)  # the initial weights too must not depend on the process
         self.model = build_model(
             options.backbone, fov=options.fov, in_channels=options.in_channels,
             ground_width_rule=options.ground_width_rule,
@@ -236,6 +237,13 @@ class _Trainer:
         self.best_loss = metadata["best_loss"]
         self.best_epoch = metadata["best_epoch"]
         self.epochs_without_improvement = metadata["epochs_without_improvement"]
+        # Lines of an epoch that was logged but not saved (killed in between) are dropped: the
+        # resumed run logs that epoch again.
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists():
+            lines = [line for line in metrics.read_text().splitlines()
+                     if line.strip() and json.loads(line)["epoch"] <= self.epoch]
+            atomic_write_text(metrics, "".join(line + "\n" for line in lines))
         LOGGER.info("resumed %s after epoch %d", self.run_dir, self.epoch)
         return True
 
@@ -346,6 +354,8 @@ def train(data_csv, run_dir, options: TrainOptions | None = None, *, cities=None
         LOGGER.warning("skipped %d bad pairs (listed in %s)", len(bad), run_dir / "skipped.jsonl")
     trainer = _Trainer(records, run_dir, options)
     resumed = trainer.load_state()
+    if not resumed and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()  # logged by a run killed before its first saved state
     start = time.monotonic()
     deadline = start + options.max_minutes * 60 if options.max_minutes else None
     stop_reason = "epochs"

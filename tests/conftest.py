@@ -56,3 +56,14 @@ def pytest_collection_modifyitems(config, items):
                 cache[marker_name] = reason_function()
             if cache[marker_name]:
                 item.add_marker(pytest.mark.skip(reason=cache[marker_name]))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread: on a busy 2-core machine two spinning threads are ~50x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

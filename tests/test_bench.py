@@ -27,13 +27,7 @@ E2E_PAIRS = 12
 TINY_CEILINGS = ["--ceiling-matmul-size", "128", "--ceiling-copy-mib", "4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine two spinning threads are much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

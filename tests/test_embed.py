@@ -33,13 +33,7 @@ FOV = 70.0
 SHAPE = (16, 1, 3)  # ground features of the test model: ground input 32 x 24 (70 deg of 128)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine two spinning threads are ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _synthesize(folder, fov):

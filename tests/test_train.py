@@ -126,8 +126,13 @@ def test_validation_split_is_seeded_and_disjoint():
 def test_epoch_batches_cover_the_training_set_once():
     batches = epoch_batches(np.arange(10, 31), 4, seed=0, epoch=2)
     flat = np.concatenate(batches)
-    assert sorted(flat.tolist()) == list(range(10, 30)) or sorted(flat.tolist()) == list(range(10, 31))
-    assert all(len(batch) >= 2 for batch in batches)
+    # 21 pairs in batches of 4: five full batches; the last single pair cannot form a triplet.
+    assert len(flat) == 20 and len(set(flat.tolist())) == 20 and set(flat.tolist()) <= set(range(10, 31))
+    assert [len(batch) for batch in batches] == [4] * 5
+    again = epoch_batches(np.arange(10, 31), 4, seed=0, epoch=2)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+    other_epoch = np.concatenate(epoch_batches(np.arange(10, 31), 4, seed=0, epoch=3))
+    assert not np.array_equal(other_epoch, flat)
 
 
 @pytest.mark.parametrize("kwargs", [dict(batch_size=1), dict(learning_rate=0), dict(aerial_crop=1.5)])
