@@ -59,10 +59,8 @@ def locate_photos(photos, tiles, model_dir, *, topk: int = 10, backend: str = "a
         aerial = store.aerial_features()
         aerial_ids = list(store.aerial_ids) if store.aerial_ids is not None else \
             [str(row) for row in range(store.num_aerial)]
-        aerial_lat, aerial_lon = (
-            np.full(store.num_aerial, np.nan) if store.optional(name) is None
-            else np.asarray(store.optional(name), dtype=np.float64)
-            for name in ("aerial/lat", "aerial/lon"))
+        aerial_lat, aerial_lon = (_coordinates(store.optional(name), store.num_aerial)
+                                  for name in ("aerial/lat", "aerial/lon"))
         attributes = {key: store.attributes[key] for key in ("model_sha256", "model_config", "fov_deg")
                       if key in store.attributes}
     engine = open_backend(model_dir, backend=backend, device=device)
@@ -103,6 +101,11 @@ def locate_photos(photos, tiles, model_dir, *, topk: int = 10, backend: str = "a
         plot_candidates(result, aerial_lat, aerial_lon, plot)
         result["plot"] = str(plot)
     return result
+
+
+def _coordinates(values, count: int) -> np.ndarray:
+    """A store's lat or lon column as float64, NaN when the store has none."""
+    return np.full(count, np.nan) if values is None else np.asarray(values, dtype=np.float64)
 
 
 def _number(value):

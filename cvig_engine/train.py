@@ -190,7 +190,7 @@ class _Trainer:
         for parameter_id, moments in optimizer_state["state"].items():
             for key, value in moments.items():
                 tensors[f"optimizer.{parameter_id}.{key}"] = value.detach().cpu().contiguous()
-        tensors.update({f"bank.ground": self.ground_bank, "bank.aerial": self.aerial_bank,
+        tensors.update({"bank.ground": self.ground_bank, "bank.aerial": self.aerial_bank,
                         "bank.seen": self.seen.to(torch.uint8)})
         state_path = self.run_dir / "last_optimizer.safetensors"
         from safetensors.torch import save_file
@@ -266,7 +266,8 @@ class _Trainer:
         half = max(len(batch) // 2, 1)
         anchors = batch[:half]
         neighbours = mine_neighbours(anchors, self.ground_bank, self.aerial_bank, self.seen, exclude=anchors)
-        rest = [i for i in batch[half:] if i not in set(neighbours) | set(anchors.tolist())]
+        chosen = set(neighbours) | set(anchors.tolist())
+        rest = [i for i in batch[half:] if i not in chosen]
         return np.array(list(anchors) + neighbours + rest)[: len(batch)]
 
     def train_epoch(self, deadline):
@@ -303,8 +304,9 @@ class _Trainer:
         self.model.eval()
         ground_features, aerial_features = [], []
         indices = self.validation_indices
-        for start in range(0, len(indices), max(self.options.batch_size, 32)):
-            ground, aerial = self._batch(self.validation_dataset, indices[start: start + max(self.options.batch_size, 32)], 0)
+        step = max(self.options.batch_size, 32)
+        for start in range(0, len(indices), step):
+            ground, aerial = self._batch(self.validation_dataset, indices[start: start + step], 0)
             g, a = self._forward(ground, aerial)
             ground_features.append(g.cpu())
             aerial_features.append(a.cpu())
