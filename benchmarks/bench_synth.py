@@ -10,7 +10,6 @@ at least 50 panorama-plus-tile pairs per second on one core.
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
+from cvig_engine.bench import machine_description  # noqa: E402
 from cvig_engine.synth import SynthSettings, build_city, render_pairs, write_png  # noqa: E402
 
 
@@ -65,13 +65,7 @@ def main():
 
     report = {
         "benchmark": "synth",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-        },
+        "machine": machine_description(),
         "settings": {
             "tile_size": settings.tile_size,
             "pano": [settings.pano_height, settings.pano_width],

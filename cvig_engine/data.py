@@ -569,6 +569,20 @@ def crop_panorama(
     return panorama[:, columns], centre
 
 
+def _roll_panorama(tensor, centre_heading: float, rng):
+    """Roll a panorama tensor [C, H, W] by a random number of columns, with its centre heading.
+
+    Column ``j`` of the result is column ``j + r`` of the input, so the centre now faces
+    ``r * 360 / W`` degrees further clockwise.
+    """
+    import torch
+
+    width = tensor.shape[-1]
+    columns = int(rng.integers(width))
+    rolled = torch.roll(tensor, -columns, dims=-1)
+    return rolled, (centre_heading + columns * 360.0 / width) % 360.0
+
+
 def _stack_layers(image_uint8, masks, what):
     image = np.asarray(image_uint8)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -710,6 +724,7 @@ class _PairDatasetImplementation:
         seed: int = 0,
         tile_offset_px: float = 0.0,
         aerial_crop: float = 1.0,
+        cache: bool = False,
     ):
         self.records = list(records)
         self.config = dict(config)
@@ -718,6 +733,9 @@ class _PairDatasetImplementation:
         self.tile_offset_px = float(tile_offset_px)
         self.aerial_crop = float(aerial_crop)
         self.epoch = 0
+        # In-memory cache (training reads every pair once per epoch): model inputs that draw
+        # nothing at random are kept as tensors, the others as decoded images.
+        self.cache = {} if cache else None
         channels = int(self.config.get("in_channels", 3))
         if channels not in (3, 5):
             raise CvigInputError(
@@ -766,37 +784,57 @@ class _PairDatasetImplementation:
             rng = np.random.default_rng([self.seed, int(epoch), int(index)])
         else:
             rng = np.random.default_rng([self.seed, int(index)])
-        ground_image = load_image(record.surface, csv_path=record.csv_path, row=record.row)
-        aerial_image = load_image(record.overhead, csv_path=record.csv_path, row=record.row)
-        ground_masks = aerial_masks = None
-        if self.use_masks:
-            ground_masks = [
-                load_mask(record.masks[name], csv_path=record.csv_path, row=record.row)
-                for name in GROUND_MASKS
-            ]
-            aerial_masks = [
-                load_mask(record.masks[name], csv_path=record.csv_path, row=record.row)
-                for name in AERIAL_MASKS
-            ]
         try:
-            ground, offset = _prepare_ground(
-                ground_image, self.config, rng=rng, image_fov_deg=record.fov, masks=ground_masks
-            )
+            # The crop of a panorama is random only in training (evaluation seeds it per pair).
+            fixed_crop = not self.train or abs(record.fov - float(self.config["fov"])) <= _FOV_TOLERANCE
+            ground, offset = self._cached(("ground", index), fixed_crop,
+                                          lambda: self._ground(record, rng))
+            if self.train and fixed_crop and float(self.config["fov"]) >= 360.0 - _FOV_TOLERANCE:
+                # A full panorama's "crop at a random heading" is a circular roll of the columns.
+                ground, offset = _roll_panorama(ground, offset, rng)
             shift = (0, 0)
             if self.train and self.tile_offset_px > 0:
                 limit = int(math.floor(self.tile_offset_px))
                 shift = tuple(int(value) for value in rng.integers(-limit, limit + 1, 2))
-            aerial = preprocess_aerial(
-                aerial_image,
-                self.config,
-                masks=aerial_masks,
-                crop_fraction=self.aerial_crop,
-                offset_px=shift,
-            )
+            aerial = self._cached(("aerial", index), shift == (0, 0),
+                                  lambda: self._aerial(record, shift))
         except CvigInputError as error:
             raise CvigInputError(f"{record.where()}: {error}") from None
         heading = (record.heading + offset) % 360.0 if math.isfinite(record.heading) else math.nan
         return {"ground": ground, "aerial": aerial, "index": int(index), "heading": float(heading)}
+
+    def _cached(self, key, deterministic: bool, compute):
+        """``compute()``, kept in the cache when it draws nothing at random."""
+        if self.cache is None or not deterministic:
+            return compute()
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+    def _decoded(self, record, kind: str):
+        """The decoded image and masks (None for RGB input) of one view, cached when asked."""
+        key = (kind, record.row, record.surface if kind == "surface" else record.overhead)
+        if self.cache is not None and key in self.cache:
+            return self.cache[key]
+        path = record.surface if kind == "surface" else record.overhead
+        image = load_image(path, csv_path=record.csv_path, row=record.row)
+        masks = None
+        if self.use_masks:
+            names = GROUND_MASKS if kind == "surface" else AERIAL_MASKS
+            masks = [load_mask(record.masks[name], csv_path=record.csv_path, row=record.row)
+                     for name in names]
+        if self.cache is not None:
+            self.cache[key] = (image, masks)
+        return image, masks
+
+    def _ground(self, record, rng):
+        image, masks = self._decoded(record, "surface")
+        return _prepare_ground(image, self.config, rng=rng, image_fov_deg=record.fov, masks=masks)
+
+    def _aerial(self, record, shift):
+        image, masks = self._decoded(record, "overhead")
+        return preprocess_aerial(image, self.config, masks=masks, crop_fraction=self.aerial_crop,
+                                 offset_px=shift)
 
 
 def _pair_dataset_class():

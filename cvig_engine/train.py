@@ -30,7 +30,8 @@ from cvig_engine.model.checkpoint import read_checkpoint_document, read_state_di
 LOGGER = logging.getLogger(__name__)
 RUN_STATE_FORMAT = "cvig-train-state"
 # Options that may change when a run is resumed (how long and how it runs, not what it learns).
-_RESUMABLE_CHANGES = ("max_minutes", "epochs", "num_workers", "patience", "min_delta", "device", "skip_bad")
+_RESUMABLE_CHANGES = ("max_minutes", "epochs", "num_workers", "patience", "min_delta", "device", "skip_bad",
+                      "cache_images")
 
 
 @dataclass
@@ -62,6 +63,12 @@ class TrainOptions:
     skip_bad: bool = False
     tiny_channels: list = field(default_factory=lambda: [8, 16, 32, 64])
     image_scale: float = 1.0
+    #: Keep decoded images (and inputs without random crops or offsets) in memory after the first
+    #: epoch: about 0.4 MB per pair at the synthetic world's sizes.
+    cache_images: bool = True
+    #: "constant", or "cosine": the learning rate falls along a half cosine from ``learning_rate``
+    #: to zero over ``epochs`` (per batch), which helps short runs settle.
+    lr_schedule: str = "constant"
 
     def validate(self):
         if self.batch_size < 2:
@@ -76,6 +83,8 @@ class TrainOptions:
             raise CvigInputError(f"--max-minutes must be positive, got {self.max_minutes}")
         if not 0.0 < self.aerial_crop <= 1.0:
             raise CvigInputError(f"--aerial-crop must be in (0, 1], got {self.aerial_crop}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise CvigInputError(f"--lr-schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.tile_offset_px < 0:
             raise CvigInputError(f"--tile-offset must be >= 0, got {self.tile_offset_px}")
 
@@ -159,9 +168,10 @@ class _Trainer:
         self.train_indices, self.validation_indices = split_validation(
             len(records), options.validation_size, options.seed)
         self.dataset = PairDataset(records, self.model.config, train=True, seed=options.seed,
-                                   tile_offset_px=options.tile_offset_px, aerial_crop=options.aerial_crop)
+                                   tile_offset_px=options.tile_offset_px, aerial_crop=options.aerial_crop,
+                                   cache=options.cache_images)
         self.validation_dataset = PairDataset(records, self.model.config, train=False, seed=options.seed,
-                                              aerial_crop=options.aerial_crop)
+                                              aerial_crop=options.aerial_crop, cache=options.cache_images)
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(parameters, lr=options.learning_rate)
         self.epoch = 0
@@ -270,6 +280,15 @@ class _Trainer:
         rest = [i for i in batch[half:] if i not in chosen]
         return np.array(list(anchors) + neighbours + rest)[: len(batch)]
 
+    def _set_learning_rate(self, step: int, steps_per_epoch: int) -> None:
+        """The schedule's rate for batch ``step`` of the current epoch (a function of the two)."""
+        rate = self.options.learning_rate
+        if self.options.lr_schedule == "cosine":
+            progress = (self.epoch * steps_per_epoch + step) / (self.options.epochs * steps_per_epoch)
+            rate *= 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+
     def train_epoch(self, deadline):
         self.model.train()
         torch.manual_seed(self.options.seed * 100003 + self.epoch)
@@ -278,7 +297,8 @@ class _Trainer:
         from tqdm import tqdm
 
         progress = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch", disable=None, leave=False)
-        for batch in progress:
+        for step, batch in enumerate(progress):
+            self._set_learning_rate(step, len(batches))
             batch = self._with_mining(batch)
             ground, aerial = self._batch(self.dataset, batch, self.epoch)
             ground_features, aerial_features = self._forward(ground, aerial)

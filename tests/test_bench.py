@@ -69,7 +69,7 @@ def score_record(results):
     command = [sys.executable, "-m", "cvig_engine.cli", "bench", "score", "--n", str(QUERIES),
                "--m", str(TILES), "--wg", str(GROUND_WIDTH), "--device", "cpu", "--threads", "1",
                "--naive-queries", str(NAIVE_QUERIES), "--no-progress", "--out", str(out),
-               *TINY_CEILINGS]
+               "--tile", "16x24", *TINY_CEILINGS]
     completed = subprocess.run(command, capture_output=True, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert completed.returncode == 0, completed.stderr
@@ -135,6 +135,7 @@ def test_bench_score_json(score_record):
     assert (settings["num_queries"], settings["num_tiles"], settings["ground_width"]) == \
         (QUERIES, TILES, GROUND_WIDTH)
     assert settings["device"] == "cpu" and engine["kernel"].startswith("cpu-")
+    assert settings["tile"] == [16, 24]  # reaches the scoring child (a JSON list there)
     # direct count by hand: 2 multiply-adds' FLOPs x W shifts x C H Wg per shift
     direct_per_pair = 2 * 64 * 16 * 4 * GROUND_WIDTH
     assert engine["flops_per_pair_direct"] == direct_per_pair

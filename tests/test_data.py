@@ -335,3 +335,48 @@ def test_pair_dataset_five_channels_needs_masks(tmp_path, pairs):
             _config(fov=90.0),
             train=False,
         )
+
+
+@pytest.mark.parametrize("fov, channels", [(90.0, 3), (360.0, 3), (360.0, 5)])
+def test_pair_dataset_cache_gives_the_same_items_and_reads_each_file_once(tmp_path, pairs, fov,
+                                                                          channels, monkeypatch):
+    from cvig_engine import data
+    from cvig_engine.data import PairDataset
+
+    config = _config(fov=fov, in_channels=channels)
+    plain = PairDataset(pairs, config, train=True, seed=3, tile_offset_px=2.0)
+    cached = PairDataset(pairs, config, train=True, seed=3, tile_offset_px=2.0, cache=True)
+    reads = []
+    original = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda path, **kw: reads.append(path) or original(path, **kw))
+    for epoch in range(3):
+        for index in range(len(pairs)):
+            expected, found = plain.item(index, epoch=epoch), cached.item(index, epoch=epoch)
+            for key in ("ground", "aerial"):
+                assert torch.equal(expected[key], found[key]), (epoch, index, key)
+            assert expected["heading"] == found["heading"] or math.isnan(expected["heading"])
+    # The uncached dataset reads both images of every pair every epoch; the cached one once.
+    uncached_reads = 3 * 2 * len(pairs)
+    assert len(reads) == uncached_reads + 2 * len(pairs)
+    evaluation = PairDataset(pairs, config, train=False, seed=3, cache=True)
+    first = evaluation[0]["ground"]
+    assert evaluation[0]["ground"] is first  # deterministic inputs are kept as tensors
+
+
+def test_training_rolls_full_panoramas_to_random_headings(pairs):
+    from cvig_engine.data import PairDataset
+
+    config = _config(fov=360.0)
+    fixed = PairDataset(pairs, config, train=False)[0]
+    training = PairDataset(pairs, config, train=True, seed=1, cache=True)
+    width = fixed["ground"].shape[-1]
+    headings = set()
+    for epoch in range(8):
+        item = training.item(0, epoch=epoch)
+        # The heading moved by r columns clockwise: column j now shows the fixed view's j + r.
+        columns = round((item["heading"] - fixed["heading"]) % 360.0 / (360.0 / width)) % width
+        expected = fixed["ground"][..., (np.arange(width) + columns) % width]
+        assert torch.equal(item["ground"], expected)
+        assert torch.equal(item["aerial"], fixed["aerial"])
+        headings.add(item["heading"])
+    assert len(headings) > 1

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from cvig_engine import orientation_distance, triplet_loss
-from references import correlated_features, orientation_distance_reference
+from references import (correlated_features, orientation_distance_reference,
+                        vertical_distance_reference)
 
 
 @pytest.mark.parametrize("ground_width", [64, 32, 16, 13, 12])
@@ -91,3 +92,31 @@ def test_triplet_loss_falls_as_matches_separate():
     close = torch.full((4, 4), 1.0).fill_diagonal_(0.9)
     far = torch.full((4, 4), 1.0).fill_diagonal_(0.1)
     assert triplet_loss(far) < triplet_loss(close)
+
+
+@pytest.mark.parametrize("ground_shape, aerial_shape", [((2, 3, 2, 8), (3, 3, 2, 8)),
+                                                        ((2, 3, 2, 3), (3, 3, 2, 8)),
+                                                        ((2, 3, 2, 3), (2, 3, 4, 8))])
+def test_distance_gradients_match_finite_differences(ground_shape, aerial_shape):
+    # With gradients on, only the chosen windows are re-gathered: same values, and gradients that
+    # agree with central differences (the argmax is locally constant for generic inputs).
+    generator = torch.Generator().manual_seed(sum(ground_shape) + sum(aerial_shape))
+    ground = torch.randn(ground_shape, dtype=torch.float64, generator=generator, requires_grad=True)
+    aerial = torch.randn(aerial_shape, dtype=torch.float64, generator=generator, requires_grad=True)
+    distance, shift, vertical = orientation_distance(ground, aerial, return_vertical=True)
+    expected, expected_shift, expected_vertical = vertical_or_plain_reference(
+        ground.detach().numpy(), aerial.detach().numpy())
+    np.testing.assert_allclose(distance.detach().numpy(), expected, atol=1e-12)
+    np.testing.assert_array_equal(shift.numpy(), expected_shift)
+    np.testing.assert_array_equal(vertical.numpy(), expected_vertical)
+    assert torch.autograd.gradcheck(lambda g, a: orientation_distance(g, a)[0], (ground, aerial))
+
+
+def vertical_or_plain_reference(ground, aerial):
+    """Distances, shifts and vertical offsets of the float64 references."""
+    if ground.shape[2] == aerial.shape[2]:
+        distance, shift, _ = orientation_distance_reference(ground, aerial)
+        return distance, shift, np.zeros_like(shift)
+    distance, flat_shift, _ = vertical_distance_reference(ground, aerial)
+    width = aerial.shape[3]
+    return distance, flat_shift % width, flat_shift // width

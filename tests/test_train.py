@@ -43,7 +43,8 @@ def _train_process(csv, run_dir, epochs):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "cvig_engine.cli", "train", "--data", str(csv), "-o", str(run_dir),
                "--epochs", str(epochs), "--batch-size", "8", "--lr", "1e-3", "--validation-size", "8",
-               "--seed", "1", "--device", "cpu", "--global-mining", "--tile-offset", "3"]
+               "--seed", "1", "--device", "cpu", "--global-mining", "--tile-offset", "3",
+               "--lr-schedule", "cosine"]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -139,3 +140,26 @@ def test_epoch_batches_cover_the_training_set_once():
 def test_bad_options_are_input_errors(kwargs):
     with pytest.raises(CvigInputError):
         _options(**kwargs).validate()
+
+
+def test_cosine_schedule_falls_from_the_rate_to_zero_over_the_epochs():
+    from types import SimpleNamespace
+
+    from cvig_engine.train import _Trainer
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    trainer = SimpleNamespace(options=_options(epochs=4, learning_rate=0.02, lr_schedule="cosine"),
+                              optimizer=torch.optim.Adam([parameter], lr=1.0), epoch=0)
+    rates = []
+    for epoch in range(4):
+        trainer.epoch = epoch
+        for step in range(5):
+            _Trainer._set_learning_rate(trainer, step, 5)
+            rates.append(trainer.optimizer.param_groups[0]["lr"])
+    expected = [0.01 * (1 + np.cos(np.pi * t / 20)) for t in range(20)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-12)
+    trainer.options = _options(learning_rate=0.02)
+    _Trainer._set_learning_rate(trainer, 3, 5)
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.02
+    with pytest.raises(CvigInputError, match="lr-schedule"):
+        _options(lr_schedule="linear").validate()

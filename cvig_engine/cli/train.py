@@ -14,6 +14,8 @@ import click
 @click.option("--epochs", type=int, default=100, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--lr", "learning_rate", type=float, default=1e-5, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+              show_default=True, help="cosine: fall to zero over --epochs (per batch).")
 @click.option("--alpha", type=float, default=10.0, show_default=True, help="Triplet loss weight.")
 @click.option("--validation-size", type=int, default=1000, show_default=True)
 @click.option("--patience", type=int, default=5, show_default=True, help="Epochs without improvement before stopping.")
@@ -39,10 +41,12 @@ import click
               help="Local torchvision VGG16 state dict (never downloaded).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--skip-bad", is_flag=True, help="Log and skip unreadable images instead of stopping.")
+@click.option("--cache/--no-cache", "cache_images", default=True, show_default=True,
+              help="Keep decoded images in memory between epochs (about 0.4 MB per pair).")
 def train_command(data_csv, run_dir, backbone, fov, ground_width_rule, epochs, batch_size, learning_rate,
-                  alpha, validation_size, patience, min_delta, max_minutes, seed, cities, exclude_cities,
+                  lr_schedule, alpha, validation_size, patience, min_delta, max_minutes, seed, cities, exclude_cities,
                   global_mining, init_from, tile_offset_px, aerial_crop, baseline, vertical_search,
-                  image_scale, in_channels, vgg_weights, device, skip_bad):
+                  image_scale, in_channels, vgg_weights, device, skip_bad, cache_images):
     """Train the twin model with the soft-margin triplet loss (resumable)."""
     import json
     import logging
@@ -53,10 +57,10 @@ def train_command(data_csv, run_dir, backbone, fov, ground_width_rule, epochs, b
     options = TrainOptions(
         backbone=backbone, fov=fov, ground_width_rule=ground_width_rule, in_channels=int(in_channels),
         orientation_search=not baseline, vertical_search=vertical_search, epochs=epochs,
-        batch_size=batch_size, learning_rate=learning_rate, alpha=alpha, validation_size=validation_size,
+        batch_size=batch_size, learning_rate=learning_rate, lr_schedule=lr_schedule, alpha=alpha, validation_size=validation_size,
         patience=patience, min_delta=min_delta, seed=seed, max_minutes=max_minutes, global_mining=global_mining,
         init_from=init_from, tile_offset_px=tile_offset_px, aerial_crop=aerial_crop,
         vgg_weights=vgg_weights, device=device, skip_bad=skip_bad,
-        image_scale=float(image_scale))
+        image_scale=float(image_scale), cache_images=cache_images)
     summary = train(data_csv, run_dir, options, cities=cities or None, exclude_cities=exclude_cities or None)
     click.echo(json.dumps(summary, indent=2))

@@ -56,18 +56,37 @@ def orientation_distance(ground: torch.Tensor, aerial: torch.Tensor, return_vert
         raise ValueError(f"ground map {ground_height}x{ground_width} is larger than aerial "
                          f"{aerial_height}x{aerial_width}")
     g = normalize_ground(ground)
-    windows = _aerial_windows(aerial, ground_height, ground_width)  # [Na, C, V, W, Hg, Wg]
-    num_aerial, _, vertical, shifts = windows.shape[:4]
-    # [Na*V*W, C*Hg*Wg] so that one matmul gives every correlation.
-    flat_windows = windows.permute(0, 2, 3, 1, 4, 5).reshape(num_aerial * vertical * shifts, -1)
-    correlation = g.flatten(1) @ flat_windows.T  # [Ng, Na*V*W]
-    correlation = correlation.view(len(g), num_aerial, vertical * shifts)
-    energy = flat_windows.pow(2).sum(dim=1).view(num_aerial, vertical * shifts)
-    best = correlation.detach().argmax(dim=2)  # torch returns the first maximal index
-    best_correlation = correlation.gather(2, best[..., None])[..., 0]
-    best_energy = energy[torch.arange(num_aerial, device=aerial.device)[None, :], best]
+    # The search itself needs no gradient; when one is wanted, only the chosen windows carry it
+    # (back-propagating through every window's correlation cost most of a training step).
+    track = torch.is_grad_enabled() and (ground.requires_grad or aerial.requires_grad)
+    with torch.no_grad():
+        windows = _aerial_windows(aerial, ground_height, ground_width)  # [Na, C, V, W, Hg, Wg]
+        num_aerial, _, vertical, shifts = windows.shape[:4]
+        # [Na*V*W, C*Hg*Wg] so that one matmul gives every correlation.
+        flat_windows = windows.permute(0, 2, 3, 1, 4, 5).reshape(num_aerial * vertical * shifts, -1)
+        correlation = g.flatten(1) @ flat_windows.T  # [Ng, Na*V*W]
+        correlation = correlation.view(len(g), num_aerial, vertical * shifts)
+        best = correlation.argmax(dim=2)  # torch returns the first maximal index
+        if not track:
+            energy = flat_windows.pow(2).sum(dim=1).view(num_aerial, vertical * shifts)
+            best_correlation = correlation.gather(2, best[..., None])[..., 0]
+            best_energy = energy[torch.arange(num_aerial, device=aerial.device)[None, :], best]
+    if track:
+        crops = _chosen_windows(aerial, best // shifts, best % shifts, ground_height, ground_width)
+        best_correlation = (crops * g.permute(0, 2, 3, 1)[:, None]).sum(dim=(2, 3, 4))
+        best_energy = crops.pow(2).sum(dim=(2, 3, 4))
     distance = 2.0 - 2.0 * best_correlation / best_energy.clamp_min(_EPSILON).sqrt()
     shift = best % shifts
     if return_vertical:
         return distance, shift, best // shifts
     return distance, shift
+
+
+def _chosen_windows(aerial, vertical, shift, height: int, width: int) -> torch.Tensor:
+    """The aerial window of each pair at its (vertical, shift): [Ng, Na, height, width, C]."""
+    device = aerial.device
+    aerial_width = aerial.shape[-1]
+    rows = vertical[..., None] + torch.arange(height, device=device)  # [Ng, Na, height]
+    columns = (shift[..., None] + torch.arange(width, device=device)) % aerial_width
+    tiles = torch.arange(aerial.shape[0], device=device)[None, :, None, None]
+    return aerial.permute(0, 2, 3, 1)[tiles, rows[..., :, None], columns[..., None, :]]

@@ -55,8 +55,10 @@ BLOCK_DELAY_ENV = "CVIG_SCORE_BLOCK_DELAY"
 
 def parse_tile(text) -> tuple[int, int] | None:
     """``"1024x2048"`` -> (1024, 2048); ``"512"`` -> (512, 512); None stays None."""
-    if text is None or isinstance(text, tuple):
-        return text
+    if text is None:
+        return None
+    if isinstance(text, (tuple, list)):  # already parsed (a list after a JSON round trip)
+        text = "x".join(str(part) for part in text)
     parts = str(text).lower().replace("*", "x").split("x")
     try:
         values = tuple(int(part) for part in parts)
