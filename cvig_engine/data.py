@@ -569,6 +569,15 @@ def crop_panorama(
     return panorama[:, columns], centre
 
 
+def _flatten(value):
+    """The leaves of nested tuples and lists (for cache sizes)."""
+    if isinstance(value, (tuple, list)):
+        for part in value:
+            yield from _flatten(part)
+    elif value is not None:
+        yield value
+
+
 def _roll_panorama(tensor, centre_heading: float, rng):
     """Roll a panorama tensor [C, H, W] by a random number of columns, with its centre heading.
 
@@ -724,7 +733,7 @@ class _PairDatasetImplementation:
         seed: int = 0,
         tile_offset_px: float = 0.0,
         aerial_crop: float = 1.0,
-        cache: bool = False,
+        cache_bytes: int = 0,
     ):
         self.records = list(records)
         self.config = dict(config)
@@ -733,9 +742,12 @@ class _PairDatasetImplementation:
         self.tile_offset_px = float(tile_offset_px)
         self.aerial_crop = float(aerial_crop)
         self.epoch = 0
-        # In-memory cache (training reads every pair once per epoch): model inputs that draw
-        # nothing at random are kept as tensors, the others as decoded images.
-        self.cache = {} if cache else None
+        # In-memory cache of at most ``cache_bytes`` (training reads every pair once per epoch):
+        # model inputs that draw nothing at random are kept as tensors, the others as decoded
+        # images. Once full, further pairs are simply read again each time.
+        self.cache = {} if cache_bytes > 0 else None
+        self.cache_bytes = int(cache_bytes)
+        self.cached_bytes = 0
         channels = int(self.config.get("in_channels", 3))
         if channels not in (3, 5):
             raise CvigInputError(
@@ -788,7 +800,7 @@ class _PairDatasetImplementation:
             # The crop of a panorama is random only in training (evaluation seeds it per pair).
             fixed_crop = not self.train or abs(record.fov - float(self.config["fov"])) <= _FOV_TOLERANCE
             ground, offset = self._cached(("ground", index), fixed_crop,
-                                          lambda: self._ground(record, rng))
+                                          lambda: self._ground(record, rng, keep=not fixed_crop))
             if self.train and fixed_crop and float(self.config["fov"]) >= 360.0 - _FOV_TOLERANCE:
                 # A full panorama's "crop at a random heading" is a circular roll of the columns.
                 ground, offset = _roll_panorama(ground, offset, rng)
@@ -796,8 +808,9 @@ class _PairDatasetImplementation:
             if self.train and self.tile_offset_px > 0:
                 limit = int(math.floor(self.tile_offset_px))
                 shift = tuple(int(value) for value in rng.integers(-limit, limit + 1, 2))
-            aerial = self._cached(("aerial", index), shift == (0, 0),
-                                  lambda: self._aerial(record, shift))
+            random_offsets = self.train and self.tile_offset_px > 0
+            aerial = self._cached(("aerial", index), not random_offsets,
+                                  lambda: self._aerial(record, shift, keep=random_offsets))
         except CvigInputError as error:
             raise CvigInputError(f"{record.where()}: {error}") from None
         heading = (record.heading + offset) % 360.0 if math.isfinite(record.heading) else math.nan
@@ -807,12 +820,24 @@ class _PairDatasetImplementation:
         """``compute()``, kept in the cache when it draws nothing at random."""
         if self.cache is None or not deterministic:
             return compute()
-        if key not in self.cache:
-            self.cache[key] = compute()
-        return self.cache[key]
+        if key in self.cache:
+            return self.cache[key]
+        value = compute()
+        self._keep(key, value)
+        return value
 
-    def _decoded(self, record, kind: str):
-        """The decoded image and masks (None for RGB input) of one view, cached when asked."""
+    def _keep(self, key, value) -> None:
+        """Cache ``value`` (tensors and arrays, possibly in tuples) if it fits the budget."""
+        size = sum(getattr(part, "nbytes", 0) for part in _flatten(value))
+        if self.cached_bytes + size <= self.cache_bytes:
+            self.cache[key] = value
+            self.cached_bytes += size
+
+    def _decoded(self, record, kind: str, keep: bool):
+        """The decoded image and masks (None for RGB input) of one view, cached if ``keep``.
+
+        Views whose model input is cached as a tensor are not kept decoded as well.
+        """
         key = (kind, record.row, record.surface if kind == "surface" else record.overhead)
         if self.cache is not None and key in self.cache:
             return self.cache[key]
@@ -823,16 +848,16 @@ class _PairDatasetImplementation:
             names = GROUND_MASKS if kind == "surface" else AERIAL_MASKS
             masks = [load_mask(record.masks[name], csv_path=record.csv_path, row=record.row)
                      for name in names]
-        if self.cache is not None:
-            self.cache[key] = (image, masks)
+        if self.cache is not None and keep:
+            self._keep(key, (image, masks))
         return image, masks
 
-    def _ground(self, record, rng):
-        image, masks = self._decoded(record, "surface")
+    def _ground(self, record, rng, keep: bool):
+        image, masks = self._decoded(record, "surface", keep)
         return _prepare_ground(image, self.config, rng=rng, image_fov_deg=record.fov, masks=masks)
 
-    def _aerial(self, record, shift):
-        image, masks = self._decoded(record, "overhead")
+    def _aerial(self, record, shift, keep: bool):
+        image, masks = self._decoded(record, "overhead", keep)
         return preprocess_aerial(image, self.config, masks=masks, crop_fraction=self.aerial_crop,
                                  offset_px=shift)
 

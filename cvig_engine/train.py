@@ -31,7 +31,7 @@ LOGGER = logging.getLogger(__name__)
 RUN_STATE_FORMAT = "cvig-train-state"
 # Options that may change when a run is resumed (how long and how it runs, not what it learns).
 _RESUMABLE_CHANGES = ("max_minutes", "epochs", "num_workers", "patience", "min_delta", "device", "skip_bad",
-                      "cache_images")
+                      "cache_gb")
 
 
 @dataclass
@@ -63,9 +63,9 @@ class TrainOptions:
     skip_bad: bool = False
     tiny_channels: list = field(default_factory=lambda: [8, 16, 32, 64])
     image_scale: float = 1.0
-    #: Keep decoded images (and inputs without random crops or offsets) in memory after the first
-    #: epoch: about 0.4 MB per pair at the synthetic world's sizes.
-    cache_images: bool = True
+    #: Memory (GB) for decoded images and for inputs without random crops or offsets, kept after
+    #: the first epoch (about 0.4 MB per pair at the synthetic world's sizes); 0 turns it off.
+    cache_gb: float = 4.0
     #: "constant", or "cosine": the learning rate falls along a half cosine from ``learning_rate``
     #: to zero over ``epochs`` (per batch), which helps short runs settle.
     lr_schedule: str = "constant"
@@ -83,6 +83,8 @@ class TrainOptions:
             raise CvigInputError(f"--max-minutes must be positive, got {self.max_minutes}")
         if not 0.0 < self.aerial_crop <= 1.0:
             raise CvigInputError(f"--aerial-crop must be in (0, 1], got {self.aerial_crop}")
+        if self.cache_gb < 0:
+            raise CvigInputError(f"--cache-gb must be >= 0, got {self.cache_gb}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise CvigInputError(f"--lr-schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.tile_offset_px < 0:
@@ -169,9 +171,10 @@ class _Trainer:
             len(records), options.validation_size, options.seed)
         self.dataset = PairDataset(records, self.model.config, train=True, seed=options.seed,
                                    tile_offset_px=options.tile_offset_px, aerial_crop=options.aerial_crop,
-                                   cache=options.cache_images)
+                                   cache_bytes=int(options.cache_gb * 0.8e9))
         self.validation_dataset = PairDataset(records, self.model.config, train=False, seed=options.seed,
-                                              aerial_crop=options.aerial_crop, cache=options.cache_images)
+                                              aerial_crop=options.aerial_crop,
+                                              cache_bytes=int(options.cache_gb * 0.2e9))
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(parameters, lr=options.learning_rate)
         self.epoch = 0

@@ -345,7 +345,7 @@ def test_pair_dataset_cache_gives_the_same_items_and_reads_each_file_once(tmp_pa
 
     config = _config(fov=fov, in_channels=channels)
     plain = PairDataset(pairs, config, train=True, seed=3, tile_offset_px=2.0)
-    cached = PairDataset(pairs, config, train=True, seed=3, tile_offset_px=2.0, cache=True)
+    cached = PairDataset(pairs, config, train=True, seed=3, tile_offset_px=2.0, cache_bytes=1 << 30)
     reads = []
     original = data.load_image
     monkeypatch.setattr(data, "load_image", lambda path, **kw: reads.append(path) or original(path, **kw))
@@ -358,9 +358,16 @@ def test_pair_dataset_cache_gives_the_same_items_and_reads_each_file_once(tmp_pa
     # The uncached dataset reads both images of every pair every epoch; the cached one once.
     uncached_reads = 3 * 2 * len(pairs)
     assert len(reads) == uncached_reads + 2 * len(pairs)
-    evaluation = PairDataset(pairs, config, train=False, seed=3, cache=True)
+    evaluation = PairDataset(pairs, config, train=False, seed=3, cache_bytes=1 << 30)
     first = evaluation[0]["ground"]
     assert evaluation[0]["ground"] is first  # deterministic inputs are kept as tensors
+    # A budget for one pair's inputs: the first pair is kept, the others are read every time.
+    budget = first.nbytes + evaluation[0]["aerial"].nbytes
+    small = PairDataset(pairs, config, train=False, seed=3, cache_bytes=budget)
+    for index in range(len(pairs)):
+        assert torch.equal(small[index]["ground"], evaluation[index]["ground"])
+    assert small.cached_bytes == budget and small[0]["ground"] is small[0]["ground"]
+    assert small[1]["ground"] is not small[1]["ground"]
 
 
 def test_training_rolls_full_panoramas_to_random_headings(pairs):
@@ -368,7 +375,7 @@ def test_training_rolls_full_panoramas_to_random_headings(pairs):
 
     config = _config(fov=360.0)
     fixed = PairDataset(pairs, config, train=False)[0]
-    training = PairDataset(pairs, config, train=True, seed=1, cache=True)
+    training = PairDataset(pairs, config, train=True, seed=1, cache_bytes=1 << 30)
     width = fixed["ground"].shape[-1]
     headings = set()
     for epoch in range(8):

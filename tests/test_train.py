@@ -163,3 +163,5 @@ def test_cosine_schedule_falls_from_the_rate_to_zero_over_the_epochs():
     assert trainer.optimizer.param_groups[0]["lr"] == 0.02
     with pytest.raises(CvigInputError, match="lr-schedule"):
         _options(lr_schedule="linear").validate()
+    with pytest.raises(CvigInputError, match="cache-gb"):
+        _options(cache_gb=-1.0).validate()

@@ -41,12 +41,12 @@ import click
               help="Local torchvision VGG16 state dict (never downloaded).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--skip-bad", is_flag=True, help="Log and skip unreadable images instead of stopping.")
-@click.option("--cache/--no-cache", "cache_images", default=True, show_default=True,
-              help="Keep decoded images in memory between epochs (about 0.4 MB per pair).")
+@click.option("--cache-gb", type=float, default=4.0, show_default=True,
+              help="Memory for inputs kept between epochs (about 0.4 MB per synthetic pair); 0: none.")
 def train_command(data_csv, run_dir, backbone, fov, ground_width_rule, epochs, batch_size, learning_rate,
                   lr_schedule, alpha, validation_size, patience, min_delta, max_minutes, seed, cities, exclude_cities,
                   global_mining, init_from, tile_offset_px, aerial_crop, baseline, vertical_search,
-                  image_scale, in_channels, vgg_weights, device, skip_bad, cache_images):
+                  image_scale, in_channels, vgg_weights, device, skip_bad, cache_gb):
     """Train the twin model with the soft-margin triplet loss (resumable)."""
     import json
     import logging
@@ -61,6 +61,6 @@ def train_command(data_csv, run_dir, backbone, fov, ground_width_rule, epochs, b
         patience=patience, min_delta=min_delta, seed=seed, max_minutes=max_minutes, global_mining=global_mining,
         init_from=init_from, tile_offset_px=tile_offset_px, aerial_crop=aerial_crop,
         vgg_weights=vgg_weights, device=device, skip_bad=skip_bad,
-        image_scale=float(image_scale), cache_images=cache_images)
+        image_scale=float(image_scale), cache_gb=cache_gb)
     summary = train(data_csv, run_dir, options, cities=cities or None, exclude_cities=exclude_cities or None)
     click.echo(json.dumps(summary, indent=2))
