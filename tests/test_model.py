@@ -101,7 +101,8 @@ def test_vertical_search_makes_a_taller_aerial_map():
 
 
 @pytest.mark.parametrize("kwargs", [dict(fov=0), dict(fov=400), dict(backbone="resnet"),
-                                    dict(ground_width_rule="round")])
+                                    dict(ground_width_rule="round"), dict(tiny_channels=(8, 16, 32)),
+                                    dict(tiny_channels=(8, 16, 0, 32))])
 def test_bad_model_options_are_input_errors(kwargs):
     with pytest.raises(CvigInputError):
         build_model(**{"backbone": "tiny", **kwargs})

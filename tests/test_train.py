@@ -165,3 +165,13 @@ def test_cosine_schedule_falls_from_the_rate_to_zero_over_the_epochs():
         _options(lr_schedule="linear").validate()
     with pytest.raises(CvigInputError, match="cache-gb"):
         _options(cache_gb=-1.0).validate()
+
+
+@pytest.mark.parametrize("channels", ["8,16,x,32", "8,16,32"])
+def test_bad_tiny_channels_exit_2_without_traceback(small_world, tmp_path, channels):
+    completed = subprocess.run(
+        [sys.executable, "-m", "cvig_engine.cli", "train", "--data", str(small_world / "train.csv"),
+         "-o", str(tmp_path / "run"), "--tiny-channels", channels, "--device", "cpu"],
+        capture_output=True, text=True)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert "channels" in completed.stderr

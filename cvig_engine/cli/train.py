@@ -35,6 +35,8 @@ import click
 @click.option("--vertical-search", is_flag=True, help="Taller aerial map, vertical + horizontal search.")
 @click.option("--image-scale", type=click.Choice(["1", "0.5"]), default="1", show_default=True,
               help="0.5 halves every input image (tiny backbone; 4x less compute).")
+@click.option("--tiny-channels", default="8,16,32,64", show_default=True,
+              help="Channels of the tiny backbone's four convolutions (fewer: faster steps).")
 @click.option("--in-channels", type=click.Choice(["3", "5"]), default="3", show_default=True,
               help="5 adds the building and road masks listed in the CSV.")
 @click.option("--vgg-weights", type=click.Path(dir_okay=False), envvar="CVIG_VGG16_WEIGHTS",
@@ -46,12 +48,19 @@ import click
 def train_command(data_csv, run_dir, backbone, fov, ground_width_rule, epochs, batch_size, learning_rate,
                   lr_schedule, alpha, validation_size, patience, min_delta, max_minutes, seed, cities, exclude_cities,
                   global_mining, init_from, tile_offset_px, aerial_crop, baseline, vertical_search,
-                  image_scale, in_channels, vgg_weights, device, skip_bad, cache_gb):
+                  image_scale, tiny_channels, in_channels, vgg_weights, device, skip_bad, cache_gb):
     """Train the twin model with the soft-margin triplet loss (resumable)."""
     import json
     import logging
 
+    from cvig_engine.errors import CvigInputError
     from cvig_engine.train import TrainOptions, train
+
+    try:
+        channels = [int(part) for part in tiny_channels.split(",")]
+    except ValueError:
+        raise CvigInputError(f"--tiny-channels {tiny_channels!r}: expected four comma-separated "
+                             "integers such as 8,16,32,64") from None
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = TrainOptions(
@@ -61,6 +70,7 @@ def train_command(data_csv, run_dir, backbone, fov, ground_width_rule, epochs, b
         patience=patience, min_delta=min_delta, seed=seed, max_minutes=max_minutes, global_mining=global_mining,
         init_from=init_from, tile_offset_px=tile_offset_px, aerial_crop=aerial_crop,
         vgg_weights=vgg_weights, device=device, skip_bad=skip_bad,
-        image_scale=float(image_scale), cache_gb=cache_gb)
+        image_scale=float(image_scale), cache_gb=cache_gb,
+        tiny_channels=channels)
     summary = train(data_csv, run_dir, options, cities=cities or None, exclude_cities=exclude_cities or None)
     click.echo(json.dumps(summary, indent=2))

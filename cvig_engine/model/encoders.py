@@ -185,6 +185,8 @@ def model_config(backbone="vgg16", fov=360.0, in_channels=3, ground_width_rule="
     pools = 3 if image_scale == 1.0 else 2
     if backbone not in ("vgg16", "tiny"):
         raise CvigInputError(f"unknown backbone {backbone!r}: use 'vgg16' or 'tiny'")
+    if len(tiny_channels) != 4 or any(int(channels) < 1 for channels in tiny_channels):
+        raise CvigInputError(f"tiny_channels must be four positive channel counts, got {list(tiny_channels)}")
     fov = float(fov)
     if not 0.0 < fov <= 360.0:
         raise CvigInputError(f"field of view must be in (0, 360] degrees, got {fov}")
