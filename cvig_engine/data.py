@@ -804,11 +804,11 @@ class _PairDatasetImplementation:
             if self.train and fixed_crop and float(self.config["fov"]) >= 360.0 - _FOV_TOLERANCE:
                 # A full panorama's "crop at a random heading" is a circular roll of the columns.
                 ground, offset = _roll_panorama(ground, offset, rng)
+            random_offsets = self.train and self.tile_offset_px > 0
             shift = (0, 0)
-            if self.train and self.tile_offset_px > 0:
+            if random_offsets:
                 limit = int(math.floor(self.tile_offset_px))
                 shift = tuple(int(value) for value in rng.integers(-limit, limit + 1, 2))
-            random_offsets = self.train and self.tile_offset_px > 0
             aerial = self._cached(("aerial", index), not random_offsets,
                                   lambda: self._aerial(record, shift, keep=random_offsets))
         except CvigInputError as error:
@@ -838,10 +838,10 @@ class _PairDatasetImplementation:
 
         Views whose model input is cached as a tensor are not kept decoded as well.
         """
-        key = (kind, record.row, record.surface if kind == "surface" else record.overhead)
+        path = record.surface if kind == "surface" else record.overhead
+        key = (kind, record.row, path)
         if self.cache is not None and key in self.cache:
             return self.cache[key]
-        path = record.surface if kind == "surface" else record.overhead
         image = load_image(path, csv_path=record.csv_path, row=record.row)
         masks = None
         if self.use_masks:
