@@ -25,6 +25,7 @@ setup(
         "torch>=2.4",
         "torchvision>=0.19",
         "numpy>=1.24",
+        "numba>=0.60",
         "onnx>=1.16",
         "onnxscript>=0.2",
         "onnxruntime>=1.18",

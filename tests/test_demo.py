@@ -97,7 +97,7 @@ def test_locate_refuses_a_store_from_another_model(demo_dir, tmp_path):
 
     checkpoint = save_checkpoint(build_model("tiny", image_scale=0.5), tmp_path / "other.safetensors")
     export_model(checkpoint, tmp_path / "other", progress=False)
-    photo = next((out / "data").rglob("surface/*.png"))
+    photo = next((out / "data").rglob("surface/*.jpg"))
     completed = subprocess.run(
         [sys.executable, "-m", "cvig_engine.cli", "locate", str(photo), "--tiles", str(out / "features.h5"),
          "--model", str(tmp_path / "other")], capture_output=True, text=True, timeout=300)

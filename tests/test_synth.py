@@ -241,8 +241,9 @@ def test_same_seed_gives_identical_files_whatever_the_workers_and_another_seed_d
     assert all(first[name] == second[name] for name in first)
     synthesize(tmp_path / "c", progress=False, **dict(knobs, seed=5))
     third = _files(tmp_path / "c")
-    differing = [name for name in first if name.endswith(".png") and first[name] != third.get(name)]
-    assert len(differing) > 60
+    assert sum(name.endswith(".jpg") for name in first) == 24  # photos and tiles
+    images = [name for name in first if name.endswith((".jpg", ".png"))]
+    assert len([name for name in images if first[name] != third.get(name)]) > 60
 
 
 def test_png_writer_round_trips_through_pillow(tmp_path):
@@ -257,6 +258,30 @@ def test_png_writer_round_trips_through_pillow(tmp_path):
             write_png(tmp_path / "image.png", array, level)
             with Image.open(tmp_path / "image.png") as image:
                 np.testing.assert_array_equal(np.asarray(image), array)
+
+
+def test_jpeg_and_png_images_decode_to_the_rendered_pixels(tmp_path):
+    knobs = dict(pairs=4, cities=2, seed=3, city_size=400.0, unusable_fraction=0.0, **TINY)
+    synthesize(tmp_path / "jpeg", progress=False, **knobs)
+    synthesize(tmp_path / "png", progress=False, image_format="png", **knobs)
+    settings = SynthSettings(**knobs)
+    rendered = [pair for index in range(2)
+                for pair in render_pairs(build_city(settings, index), 2, city_index=index)]
+    records = {}
+    for image_format in ("jpeg", "png"):
+        folder = tmp_path / image_format
+        records[image_format] = [*read_dataset(folder / "train.csv"),
+                                 *read_dataset(folder / "test.csv")]
+    for pair, jpeg, png in zip(rendered, records["jpeg"], records["png"], strict=True):
+        assert jpeg.surface.suffix == ".jpg" and png.surface.suffix == ".png"
+        for view, jpeg_path, png_path in ((pair.surface, jpeg.surface, png.surface),
+                                          (pair.overhead, jpeg.overhead, png.overhead)):
+            exact = load_image(png_path)
+            np.testing.assert_array_equal(exact, view.image)  # PNG: lossless
+            error = np.abs(load_image(jpeg_path).astype(np.float32) - view.image)
+            assert error.mean() < 8.0  # JPEG: lossy (noise, 4:2:0 chroma), close
+        for name, mask in jpeg.masks.items():  # masks are PNG, bit-exact, in both
+            assert mask.suffix == ".png" and mask.read_bytes() == png.masks[name].read_bytes()
 
 
 def test_dataset_layout_split_and_csv_twins(tmp_path):
@@ -366,6 +391,8 @@ def test_unusable_photos_are_close_ups_flagged_in_the_csv(tmp_path):
         (["--cities", "2", "--test-cities", "3"], "--test-cities"),
         (["--pairs", "3", "--cities", "4"], "--pairs"),
         (["--unusable-fraction", "1.5"], "--unusable-fraction"),
+        (["--jpeg-quality", "0"], "--jpeg-quality"),
+        (["--image-format", "bmp"], "--image-format"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, arguments, message):
@@ -410,3 +437,73 @@ def test_colour_histograms_stay_near_chance_on_default_settings():
     # Chance: top-1 % means rank <= 2 of 250 (0.8 %). Allow a few lucky queries, no shortcut.
     assert result["top1_percent"] <= 4.0, result["top1_percent"]
     assert result["median_rank"] > 0.3 * len(pairs)
+
+
+# -- compiled loops against plain numpy ------------------------------------------------------------
+
+
+def _shadow_reference(height, resolution, sun):
+    """Row-by-row numpy form of the shadow recurrence, on explicitly transposed/flipped copies."""
+    radians = math.radians(sun.azimuth)
+    d_row, d_col = -math.cos(radians), math.sin(radians)
+    transpose = abs(d_col) > abs(d_row)
+    work = height.T if transpose else height
+    major, minor = (d_col, d_row) if transpose else (d_row, d_col)
+    flip = major > 0
+    work = work[::-1] if flip else work
+    lateral = minor / abs(major)
+    tan_elevation = math.tan(math.radians(max(sun.elevation, 1.0)))
+    drop = np.float32(resolution * math.sqrt(1.0 + lateral * lateral) * tan_elevation)
+    offsets = np.rint(np.arange(work.shape[0]) * lateral).astype(np.int64)
+    result = np.empty_like(work)
+    result[0] = work[0]
+    for i in range(1, work.shape[0]):
+        shifted = np.zeros_like(result[i - 1])
+        step = offsets[i] - offsets[i - 1]
+        if step > 0:
+            shifted[:-1] = result[i - 1, 1:]
+        elif step < 0:
+            shifted[1:] = result[i - 1, :-1]
+        else:
+            shifted = result[i - 1]
+        result[i] = np.maximum(work[i], shifted - drop)
+    result = result[::-1] if flip else result
+    return result.T if transpose else result
+
+
+@pytest.mark.parametrize("azimuth", [0.0, 30.0, 80.0, 100.0, 170.0, 200.0, 260.0, 290.0, 340.0])
+def test_shadow_heights_match_the_numpy_recurrence_for_every_sun_direction(azimuth):
+    from cvig_engine.synth import Sun
+    from cvig_engine.synth.city import shadow_heights
+
+    rng = np.random.default_rng(int(azimuth))
+    height = np.where(rng.random((37, 53)) < 0.1, rng.uniform(2, 30, (37, 53)), 0.0)
+    height = height.astype(np.float32)
+    for elevation in (8.0, 35.0):
+        sun = Sun(azimuth, elevation)
+        got = shadow_heights(height, 0.5, sun)
+        np.testing.assert_array_equal(got, _shadow_reference(height, 0.5, sun))
+        assert got.shape == height.shape and np.all(got >= height)
+    assert np.any(got > height)  # something is in shadow
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_image_finish_matches_the_numpy_formula(wrap):
+    from cvig_engine.synth.raymarch import finish_image
+
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0.0, 1.2, (9, 14, 3)).astype(np.float32)
+    gain = np.array([200.0, 255.0, 240.0], np.float32)
+    noise = rng.standard_normal(image.shape).astype(np.float32)
+    blur = 0.3
+    padded = np.pad(image.astype(np.float64), ((1, 1), (1, 1), (0, 0)),
+                    mode="edge")
+    if wrap:
+        padded[:, 0], padded[:, -1] = padded[:, -2], padded[:, 1]
+    around = padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]
+    expected = ((1 - blur) * image + blur / 4 * around) * gain + noise * 5.0
+    expected = np.floor(np.clip(expected + 0.5, 0, 255)).astype(np.uint8)
+    got = finish_image(image, gain, blur, noise, 5.0, wrap)
+    assert np.mean(got != expected) < 0.01 and np.abs(got.astype(int) - expected).max() <= 1
+    clean = finish_image(image, gain, 0.0, np.zeros((0, 0, 3), np.float32), 0.0, wrap)
+    np.testing.assert_array_equal(clean, np.floor(np.clip(image * gain + 0.5, 0, 255)))

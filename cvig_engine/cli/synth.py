@@ -111,6 +111,16 @@ _SETTINGS_HELP = "See the README section 'Synthetic data' for what each knob doe
     "--masks/--no-masks", default=True, show_default=True, help="Write building and road masks."
 )
 @click.option(
+    "--image-format",
+    type=click.Choice(["jpeg", "png"]),
+    default="jpeg",
+    show_default=True,
+    help="Photos and tiles (masks are always PNG): jpeg like real datasets, png lossless.",
+)
+@click.option(
+    "--jpeg-quality", type=int, default=95, show_default=True, help="JPEG quality (1..100)."
+)
+@click.option(
     "--png-level",
     type=int,
     default=1,
@@ -127,7 +137,7 @@ _SETTINGS_HELP = "See the README section 'Synthetic data' for what each knob doe
 @click.option(
     "--overwrite", is_flag=True, help="Write into a non-empty folder (old extra files stay)."
 )
-def synth_command(output_dir, png_level, workers, overwrite, **knobs):
+def synth_command(output_dir, image_format, jpeg_quality, png_level, workers, overwrite, **knobs):
     """Render a procedural cross-view dataset (images, masks, WITW and CVUSA CSVs) into a folder."""
     import json
 
@@ -135,7 +145,13 @@ def synth_command(output_dir, png_level, workers, overwrite, **knobs):
 
     settings = SynthSettings(**knobs).validate()
     summary = synthesize(
-        output_dir, settings, overwrite=overwrite, png_level=png_level, workers=workers
+        output_dir,
+        settings,
+        overwrite=overwrite,
+        png_level=png_level,
+        image_format=image_format,
+        jpeg_quality=jpeg_quality,
+        workers=workers,
     )
     cities = ", ".join(
         f"{city['name']} ({city['split']}, {city['pairs']})" for city in summary["cities"]

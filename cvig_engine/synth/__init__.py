@@ -15,6 +15,7 @@ from cvig_engine.synth.dataset import (
     render_pairs,
     sample_locations,
     synthesize,
+    write_jpeg,
     write_png,
 )
 from cvig_engine.synth.figure import sample_figure
@@ -51,6 +52,7 @@ __all__ = [
     "column_azimuths",
     "colour_histograms",
     "colour_histogram_baseline",
+    "write_jpeg",
     "write_png",
     "sample_figure",
 ]

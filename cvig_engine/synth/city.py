@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cvig_engine.synth.raymarch import shadow_sweep
 from cvig_engine.synth.settings import SynthSettings
 from cvig_engine.synth.style import SEASON_RATIOS, CityStyle, Sun
 
@@ -280,34 +281,14 @@ def shadow_heights(height: np.ndarray, resolution: float, sun: Sun) -> np.ndarra
     radians = math.radians(sun.azimuth)
     d_row, d_col = -math.cos(radians), math.sin(radians)  # toward the sun in raster steps
     tan_elevation = math.tan(math.radians(max(sun.elevation, 1.0)))
-    transpose = abs(d_col) > abs(d_row)
-    work = height.T if transpose else height
+    transpose = abs(d_col) > abs(d_row)  # sweep columns rather than rows
     major, minor = (d_col, d_row) if transpose else (d_row, d_col)
-    flip = major > 0
-    if flip:
-        work = work[::-1]
+    flip = major > 0  # sweep from the last row (column) back
     lateral = minor / abs(major)
     drop = np.float32(resolution * math.sqrt(1.0 + lateral * lateral) * tan_elevation)
-    result = np.empty_like(work)
-    result[0] = work[0]
-    offsets = np.rint(np.arange(work.shape[0]) * lateral).astype(np.int64)
-    for i in range(1, work.shape[0]):
-        previous = result[i - 1]
-        step = offsets[i] - offsets[i - 1]
-        if step > 0:
-            shifted = np.empty_like(previous)
-            shifted[:-1] = previous[1:]
-            shifted[-1] = 0.0
-        elif step < 0:
-            shifted = np.empty_like(previous)
-            shifted[1:] = previous[:-1]
-            shifted[0] = 0.0
-        else:
-            shifted = previous
-        np.maximum(work[i], shifted - drop, out=result[i])
-    if flip:
-        result = result[::-1]
-    return np.ascontiguousarray(result.T if transpose else result)
+    length = height.shape[1] if transpose else height.shape[0]
+    offsets = np.rint(np.arange(length) * lateral).astype(np.int64)
+    return shadow_sweep(np.ascontiguousarray(height, np.float32), transpose, flip, offsets, drop)
 
 
 # -- procedural generation -----------------------------------------------------------------------

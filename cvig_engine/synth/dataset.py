@@ -205,6 +205,19 @@ def write_png(path, array: np.ndarray, level: int = 1) -> None:
     )
 
 
+def write_jpeg(path, array: np.ndarray, quality: int = 95) -> None:
+    """Write a uint8 RGB [H, W, 3] array as a baseline JPEG (4:2:0, like camera photos)."""
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(
+        path, format="JPEG", quality=quality, subsampling="4:2:0", optimize=False
+    )
+
+
+# Photo and tile formats: extension of the files written.
+IMAGE_FORMATS = {"jpeg": ".jpg", "png": ".png"}
+
+
 def _pair_counts(settings: SynthSettings) -> list[int]:
     base, extra = divmod(settings.pairs, settings.cities)
     return [base + (1 if index < extra else 0) for index in range(settings.cities)]
@@ -217,6 +230,8 @@ def synthesize(
     overwrite: bool = False,
     progress: bool = True,
     png_level: int = 1,
+    image_format: str = "jpeg",
+    jpeg_quality: int = 95,
     workers: int = 1,
     **knobs,
 ) -> dict:
@@ -224,8 +239,9 @@ def synthesize(
 
     Pass a ``SynthSettings`` or its fields as keywords: ``synthesize(out, pairs=48, cities=2)``.
 
-    Writes ``<city>/surface/*.png``, ``<city>/overhead/*.png``, ``<city>/masks/*.png`` (when
-    ``settings.masks``), ``train.csv`` / ``test.csv`` (WITW layout, the last ``test_cities``
+    Writes ``<city>/surface/*.jpg``, ``<city>/overhead/*.jpg`` (``*.png`` with
+    ``image_format="png"``), ``<city>/masks/*.png`` (when ``settings.masks``, always lossless),
+    ``train.csv`` / ``test.csv`` (WITW layout, the last ``test_cities``
     cities held out), ``train_cvusa.csv`` / ``test_cvusa.csv`` (CVUSA layout) and ``synth.json``
     (the settings and each city's style). The same settings give byte-identical files, whatever
     the number of ``workers`` (processes, one city at a time each).
@@ -244,6 +260,12 @@ def synthesize(
     settings.validate()
     if not 0 <= png_level <= 9:
         raise CvigInputError(f"--png-level must be in 0..9, got {png_level}")
+    if image_format not in IMAGE_FORMATS:
+        raise CvigInputError(
+            f"--image-format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}"
+        )
+    if not 1 <= jpeg_quality <= 100:
+        raise CvigInputError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
     if workers < 1:
         raise CvigInputError(f"--workers must be positive, got {workers}")
     output_dir = Path(output_dir)
@@ -256,7 +278,7 @@ def synthesize(
     output_dir.mkdir(parents=True, exist_ok=True)
     counts = _pair_counts(settings)
     jobs = [
-        (output_dir, settings, city_index, count, png_level)
+        (output_dir, settings, city_index, count, png_level, image_format, jpeg_quality)
         for city_index, count in enumerate(counts)
     ]
     results = [None] * len(jobs)
@@ -288,6 +310,8 @@ def synthesize(
         "format": SYNTH_FORMAT,
         "settings": settings.to_dict(),
         "png_level": png_level,
+        "image_format": image_format,
+        "jpeg_quality": jpeg_quality if image_format == "jpeg" else None,
         "files": {key: path.name for key, path in paths.items()},
         "cities": cities,
     }
@@ -310,6 +334,8 @@ def _write_city(
     city_index: int,
     count: int,
     png_level: int,
+    image_format: str,
+    jpeg_quality: int,
     on_pair=None,
 ):
     """Build city ``city_index``, write its ``count`` pairs; return (records, city summary)."""
@@ -326,10 +352,15 @@ def _write_city(
     records = []
     for pair in render_pairs(city, count, city_index=city_index):
         stem = f"{pair.index:0{digits}d}"
-        surface_path = folders["surface"] / f"{stem}.png"
-        overhead_path = folders["overhead"] / f"{stem}.png"
-        write_png(surface_path, pair.surface.image, png_level)
-        write_png(overhead_path, pair.overhead.image, png_level)
+        extension = IMAGE_FORMATS[image_format]
+        surface_path = folders["surface"] / f"{stem}{extension}"
+        overhead_path = folders["overhead"] / f"{stem}{extension}"
+        for image_path, image in ((surface_path, pair.surface.image),
+                                  (overhead_path, pair.overhead.image)):
+            if image_format == "jpeg":
+                write_jpeg(image_path, image, jpeg_quality)
+            else:
+                write_png(image_path, image, png_level)
         masks = {}
         if settings.masks:
             layers = (

@@ -11,8 +11,8 @@ pixel in both directions, the horizon between the two middle rows.
 
 Each column is marched over a fixed set of geometrically spaced radii. A ray at elevation ``e``
 stops at the first sample whose column reaches it, ``(h_k - eye) / r_k >= tan(e)``; with the
-running maximum of that ratio monotone along the ray, all rows of all columns are resolved at
-once (a histogram and a cumulative sum, see ``_first_hits``). Ground hits are then re-coloured at
+running maximum of that ratio monotone along the ray, a column's rows are all resolved in one
+sweep down the rows (``raymarch.street_pixels``). Ground hits are then re-coloured at
 the ray's exact ground intersection, facades per pixel (floors, windows, sun and shadow).
 
 Heading convention: a photo whose centre faces compass heading ``h`` with field of view ``fov``
@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
 
 from cvig_engine.synth.city import BUILDING, GROUND_NAMES, GRASS, MARKING, ROAD, TREE, VEHICLE, City
+from cvig_engine.synth.raymarch import finish_image, street_pixels
 from cvig_engine.synth.settings import SynthSettings
 from cvig_engine.synth.style import SEASON_RATIOS, Sun
 
@@ -237,249 +237,63 @@ def _street_table(city: City, season: str) -> np.ndarray:
     return np.concatenate([ground, facades, crowns, city.vehicle_colours]).astype(np.float32)
 
 
-@dataclass
-class _Rays:
-    """One street-level image's march: camera, columns, samples and the sample each pixel hit."""
-
-    x: float
-    y: float
-    heading: float
-    fov: float
-    azimuth_deg: np.ndarray  # [width] compass azimuth of each column
-    sin_az: np.ndarray  # [width]
-    cos_az: np.ndarray
-    radii: np.ndarray  # [steps] march radii (m)
-    cells: np.ndarray  # [width * steps] raster index of sample k of column j at j * steps + k
-    elevation: np.ndarray  # [height, width] ray elevation (radians, with the camera tilt)
-    hit: np.ndarray  # [height, width] index of the sample hit, == steps where the ray escapes
-
-    @property
-    def width(self) -> int:
-        return len(self.azimuth_deg)
-
-    @property
-    def steps(self) -> int:
-        return len(self.radii)
-
-    @cached_property
-    def sample(self) -> np.ndarray:
-        """[height, width] index into the per-sample arrays (escaping rays: their last sample)."""
-        return np.arange(self.width)[None, :] * self.steps + np.minimum(self.hit, self.steps - 1)
-
-
 def render_surface(city: City, x: float, y: float, heading: float, fov: float,
                    conditions: SurfaceConditions, rng: np.random.Generator) -> View:
     """Street-level image from eye height at world (x, y), centred on compass ``heading``."""
     settings = city.settings
-    rays = _march(city, x, y, heading, fov, conditions)
-    width, steps = rays.width, rays.steps
-    miss = rays.hit >= steps
-    sample = rays.sample
-    material = np.take(city.material, rays.cells)
-    sample_height = np.take(city.height, rays.cells)
-
-    # Per sample: colour, light and haze of ground, crowns and vehicles. One extra entry per column
-    # (index ``steps``) holds the haze colour that escaping rays below the horizon see.
-    table = _street_table(city, conditions.season)
-    colour = np.take(table, np.take(city.street_colour_index, rays.cells), axis=0)
-    colour *= (1.0 + np.float32(0.1) * np.take(city.texture, rays.cells))[:, None]
-    shadow_height = np.take(city.ground_shadow_heights[conditions.sun_index], rays.cells)
-    sine = np.float32(math.sin(math.radians(conditions.sun.elevation)))
-    on_object = np.where(material == TREE, np.float32(0.6), np.float32(0.7))
-    direct = np.where(material <= MARKING, sine, on_object)
-    direct *= shadow_height <= sample_height + np.float32(0.05)
-    fade = np.exp(-rays.radii / np.float32(conditions.haze_distance))[None, :, None]
+    step, elevation, radii, clouds = _geometry(settings)
+    azimuth_deg = column_azimuths(settings, heading, fov)
+    azimuth = np.radians(azimuth_deg)
+    # Camera tilt: pitch at the centre column, roll across the view.
+    relative = azimuth - math.radians(heading)
+    tilt = (math.radians(conditions.pitch) * np.cos(relative)
+            + math.radians(conditions.roll) * np.sin(relative))
+    sun = conditions.sun
+    sun_east, sun_north = sun.horizontal_direction()
+    cloud_columns = np.rint(np.mod(azimuth_deg, 360.0) / 360.0 * settings.pano_width)
+    cloud_columns = np.mod(cloud_columns.astype(np.int64) + conditions.cloud_shift,
+                           settings.pano_width)
     haze = (0.6 * conditions.sky_horizon + 0.4 * np.float32(0.55)).astype(np.float32)
-    light = conditions.ambient + direct[:, None] * conditions.light
-    light *= colour
-    lit_samples = light.reshape(width, steps, 3)
-    lit_samples *= fade
-    lit_samples += haze * (1.0 - fade)
-    lit = np.empty((width, steps + 1, 3), np.float32)
-    lit[:, :steps] = lit_samples
-    lit[:, steps] = haze
-    pixel = np.arange(width)[None, :] * (steps + 1) + rays.hit  # [height, width]
-    image = np.take(lit.reshape(-1, 3), pixel, axis=0)
-    flat_image = image.reshape(-1, 3)
-    extended_material = np.full((width, steps + 1), 255, np.uint8)
-    extended_material[:, :steps] = material.reshape(width, steps)
-    pixel_material = np.take(extended_material, pixel)
-
-    building = pixel_material == BUILDING
-    index = np.flatnonzero(building)
-    if len(index):
-        facades = _facade_samples(city, conditions, rays, material == BUILDING, shadow_height)
-        flat_image[index] = _facade_pixels(city, conditions, rays, facades, colour, index, haze)
-    # Sky above the horizon, only in the rows that can hold it.
-    sky_rows = int(np.count_nonzero(rays.elevation.max(axis=1) > 0))
-    sky = miss[:sky_rows] & (rays.elevation[:sky_rows] > 0)
-    if sky.any():
-        top = image[:sky_rows]
-        top[sky] = _sky(conditions, settings, rays, sky)
-    on_road = np.take(city.road, rays.cells) & (material != VEHICLE) & (material != TREE)
-    road = np.take(on_road, sample) & ~miss
-    index = np.flatnonzero((pixel_material <= MARKING) & (rays.elevation < 0))
-    if len(index):
-        _refine_ground(city, conditions, rays, index, table, haze, flat_image, road.ravel())
+    image, building, road, distance = street_pixels(
+        float(x), float(y), float(settings.eye_height), np.sin(azimuth), np.cos(azimuth), tilt,
+        elevation, radii,
+        city.height.ravel(), city.material.ravel(), city.street_colour_index.ravel(),
+        city.texture.ravel(), city.ground_shadow_heights[conditions.sun_index].ravel(),
+        city.road.ravel(), city.object_id.ravel(),
+        float(city.half), float(city.resolution), city.size_px,
+        city.building_rects, city.building_window_spacing, float(city.style.floor_height),
+        math.cos(city.angle), math.sin(city.angle),
+        _street_table(city, conditions.season), conditions.ambient, conditions.light,
+        math.sin(math.radians(sun.elevation)), float(sun_east), float(sun_north),
+        0.9 * math.cos(math.radians(sun.elevation)),
+        haze, float(conditions.haze_distance), _GLASS + 0.35 * conditions.sky_horizon,
+        conditions.sky_horizon, conditions.sky_zenith,
+        (settings.pano_height / 2.0) * step, clouds, cloud_columns,
+        float(conditions.cloud_cover),
+        np.float32(0.95) * (conditions.ambient + conditions.light).clip(0.0, 1.1),
+    )
     if conditions.occluders:
-        distance = np.where(miss, np.inf, rays.radii[np.minimum(rays.hit, steps - 1)])
-        _draw_occluders(image, building, road, distance, conditions, rays, settings.eye_height)
+        elevation_grid = elevation[:, None] + tilt[None, :]
+        _draw_occluders(image, building, road, distance, conditions, azimuth_deg, elevation_grid,
+                        heading, fov, settings.eye_height)
     image = _finish(image, conditions.exposure, conditions.tint, conditions.blur, conditions.noise,
                     rng, wrap=fov >= 360.0)
     return View(image, building, road)
 
 
-def _march(city, x, y, heading, fov, conditions) -> _Rays:
-    """March every column over the fixed radii and find the sample each pixel's ray stops at."""
-    settings = city.settings
-    step, elevation, radii, _ = _geometry(settings)
-    azimuth_deg = column_azimuths(settings, heading, fov)
-    azimuth = np.radians(azimuth_deg)
-    sin_az, cos_az = np.sin(azimuth).astype(np.float32), np.cos(azimuth).astype(np.float32)
-    rows, columns = city.to_pixel(x + sin_az[:, None] * radii, y + cos_az[:, None] * radii)
-    cells = (rows * city.size_px + columns).ravel()
-    ratio = (np.take(city.height, cells).reshape(len(azimuth), len(radii))
-             - np.float32(settings.eye_height)) / radii
-    horizon = np.arctan(np.maximum.accumulate(ratio, axis=1))
-    # Camera tilt: pitch at the centre column, roll across the view.
-    relative = azimuth - math.radians(heading)
-    tilt = (math.radians(conditions.pitch) * np.cos(relative)
-            + math.radians(conditions.roll) * np.sin(relative))
-    hit = _first_hits(horizon, tilt, settings.pano_height, step)
-    ray_elevation = (elevation[:, None] + tilt[None, :]).astype(np.float32)
-    return _Rays(x, y, heading, fov, azimuth_deg, sin_az, cos_az, radii, cells, ray_elevation, hit)
-
-
-def _first_hits(horizon, tilt, height, step):
-    """Index of the first sample each ray reaches, for every (row, column); len(samples) on escape.
-
-    Row t of column j looks at elevation e = (height/2 - 0.5 - t) * step + tilt[j]; it passes
-    sample k while horizon[j, k] < e, i.e. while t < c = height/2 - 0.5 - (horizon - tilt) / step.
-    With the horizon non-decreasing along the ray, the hit index of row t is the number of samples
-    with ceil(c) > t: a histogram of ceil(c) per column and a cumulative sum.
-    """
-    width, steps = horizon.shape
-    threshold = (height / 2.0 - 0.5) - (horizon - tilt[:, None]) / step
-    threshold = np.clip(np.ceil(threshold), 0, height).astype(np.int64)
-    threshold += (np.arange(width) * (height + 1))[:, None]
-    counts = np.bincount(threshold.ravel(), minlength=width * (height + 1))
-    counts = counts.reshape(width, height + 1)
-    return (steps - np.cumsum(counts, axis=1)[:, :height]).T
-
-
-def _refine_ground(city, conditions, rays, index, table, haze, flat_image, flat_road):
-    """Re-colour ground pixels (flat ``index``) at the ray's exact ground intersection, in place.
-
-    The march only says that the ray met the ground between two samples; the intersection itself
-    is at eye / tan(-elevation), which keeps road edges and markings sharp and in place.
-    """
-    radii, steps = rays.radii, rays.steps
-    columns = index % rays.width
-    k = np.take(rays.sample, index) % steps
-    exact = city.settings.eye_height / np.tan(-np.take(rays.elevation, index))
-    radius = np.clip(exact, radii[np.maximum(k - 1, 0)], radii[k]).astype(np.float32)
-    cell_rows, cell_columns = city.to_pixel(rays.x + rays.sin_az[columns] * radius,
-                                            rays.y + rays.cos_az[columns] * radius)
-    cell = cell_rows * city.size_px + cell_columns
-    keep = np.take(city.material, cell) <= MARKING  # the exact point may fall just inside an object
-    index, radius, cell = index[keep], radius[keep], cell[keep]
-    colour = np.take(table, np.take(city.street_colour_index, cell), axis=0)
-    sunlit = np.take(city.ground_shadow_heights[conditions.sun_index], cell) <= np.float32(0.05)
-    direct = np.float32(math.sin(math.radians(conditions.sun.elevation))) * sunlit
-    fade = np.exp(-radius / np.float32(conditions.haze_distance))
-    # colour * (1 + 0.1 texture) * (ambient + direct * light) * fade + haze * (1 - fade)
-    scale = (1.0 + np.float32(0.1) * np.take(city.texture, cell)) * fade
-    light = conditions.ambient + direct[:, None] * conditions.light
-    light *= colour
-    light *= scale[:, None]
-    light += haze * (1.0 - fade)[:, None]
-    flat_image[index] = light
-    flat_road[index] = np.take(city.road, cell)
-
-
-def _facade_samples(city, conditions, rays, is_building, shadow_height):
-    """Per facade sample: sun on the visible face, window columns, and the shadow line in front.
-
-    The face hit is the footprint edge nearest the sample point; its normal points back toward
-    the camera. Returns (facing, window_column, front_shadow), arrays over all samples.
-    """
-    facing = np.zeros(len(rays.cells), np.float32)
-    window_column = np.zeros(len(rays.cells), bool)
-    index = np.flatnonzero(is_building)
-    column, k = np.divmod(index, rays.steps)
-    radius = rays.radii[k]
-    u, v = city.to_city_frame(rays.x + rays.sin_az[column] * radius,
-                              rays.y + rays.cos_az[column] * radius)
-    object_id = np.take(city.object_id, rays.cells[index])
-    rect = city.building_rects[object_id]
-    distance_u = np.minimum(np.abs(u - rect[:, 0]), np.abs(u - rect[:, 1]))
-    distance_v = np.minimum(np.abs(v - rect[:, 2]), np.abs(v - rect[:, 3]))
-    camera_u, camera_v = city.to_city_frame(rays.x, rays.y)
-    faces_u = distance_u < distance_v
-    normal_x, normal_y = city.from_city_frame(np.where(faces_u, np.sign(camera_u - u), 0.0),
-                                              np.where(faces_u, 0.0, np.sign(camera_v - v)))
-    sun = conditions.sun
-    sun_east, sun_north = sun.horizontal_direction()
-    facing[index] = np.clip(normal_x * sun_east + normal_y * sun_north, 0.0, 1.0) * (
-        0.9 * math.cos(math.radians(sun.elevation)))
-    along = (u + v) / city.building_window_spacing[object_id]
-    along -= np.floor(along)
-    window_column[index] = (along > 0.25) & (along < 0.75)
-    # The street cell in front of the facade says up to which height the sun is blocked.
-    front_shadow = shadow_height.copy()
-    front = index[k > 0]
-    front_shadow[front] = shadow_height[front - 1]
-    return facing, window_column, front_shadow
-
-
-def _facade_pixels(city, conditions, rays, facades, colour, index, haze):
-    """Lit, windowed, hazy colours of the facade pixels at flat pixel ``index``."""
-    facing, window_column, front_shadow = facades
-    pixel_sample = np.take(rays.sample, index)
-    radius = rays.radii[pixel_sample % rays.steps]
-    z = city.settings.eye_height + radius * np.tan(np.take(rays.elevation, index))
-    floor = z / city.style.floor_height
-    floor -= np.floor(floor)
-    window = np.take(window_column, pixel_sample) & (floor > 0.35) & (floor < 0.8) & (z > 0.5)
-    glass = _GLASS + 0.35 * conditions.sky_horizon
-    base = np.where(window[:, None], glass, np.take(colour, pixel_sample, axis=0))
-    sunlit = np.take(facing, pixel_sample) * (z >= np.take(front_shadow, pixel_sample) - 0.05)
-    fade = np.exp(-radius / np.float32(conditions.haze_distance))
-    light = conditions.ambient + sunlit[:, None] * conditions.light
-    light *= base
-    light *= fade[:, None]
-    light += haze * (1.0 - fade)[:, None]
-    return light
-
-
-def _sky(conditions, settings, rays, sky):
-    """Sky colours (gradient plus clouds) of the pixels selected by the boolean mask ``sky``."""
-    _, _, _, clouds = _geometry(settings)
-    top = (settings.pano_height / 2.0) * 2.0 * math.pi / settings.pano_width
-    rows, columns = np.nonzero(sky)
-    blend = np.clip(rays.elevation[rows, columns] / top, 0.0, 1.0) ** 0.6
-    blend = blend.astype(np.float32)[:, None]
-    colour = conditions.sky_horizon * (1.0 - blend) + conditions.sky_zenith * blend
-    cloud_columns = np.rint(np.mod(rays.azimuth_deg, 360.0) / 360.0 * settings.pano_width)
-    cloud_columns = np.mod(cloud_columns.astype(np.int64) + conditions.cloud_shift,
-                           settings.pano_width)
-    cloud = clouds[rows, cloud_columns[columns]] * np.float32(conditions.cloud_cover)
-    cloud_colour = np.float32(0.95) * (conditions.ambient + conditions.light).clip(0.0, 1.1)
-    return colour * (1.0 - cloud[:, None]) + cloud_colour * cloud[:, None]
-
-
-def _draw_occluders(image, building, road, distance, conditions, rays, eye):
+def _draw_occluders(image, building, road, distance, conditions, azimuth_deg, elevation, heading,
+                    fov, eye):
     """People, poles and passing vehicles near the camera, in front of whatever they hide."""
     for occluder in conditions.occluders:
-        centre = rays.heading - rays.fov / 2.0 + occluder["position"] * rays.fov
+        centre = heading - fov / 2.0 + occluder["position"] * fov
         half_angle = math.degrees(math.atan(occluder["width"] / 2.0 / occluder["distance"]))
-        offset = np.mod(rays.azimuth_deg - centre + 180.0, 360.0) - 180.0
+        offset = np.mod(azimuth_deg - centre + 180.0, 360.0) - 180.0
         columns = np.abs(offset) <= half_angle
         if not columns.any():
             continue
         low = math.atan(-eye / occluder["distance"])
         high = math.atan((occluder["top"] - eye) / occluder["distance"])
-        covered = ((rays.elevation >= low) & (rays.elevation <= high) & columns[None, :]
+        covered = ((elevation >= low) & (elevation <= high) & columns[None, :]
                    & (distance > occluder["distance"]))
         shade = np.float32(0.9) * (conditions.ambient + 0.6 * conditions.light)
         image[covered] = occluder["colour"] * shade
@@ -503,27 +317,11 @@ def _noise(rng, shape):
 
 
 def _finish(image, exposure, tint, blur, noise, rng, wrap):
-    """Exposure and tint, blur, sensor noise, 8-bit quantisation (``image`` may be overwritten)."""
-    image = np.multiply(image, np.float32(exposure * 255.0) * tint, dtype=np.float32)
-    if blur > 0.0:
-        # 5-point blur: (1 - blur) * centre + blur / 4 * (up + down + left + right).
-        neighbours = np.empty_like(image)
-        neighbours[1:] = image[:-1]
-        neighbours[0] = image[0]
-        neighbours[:-1] += image[1:]
-        neighbours[-1] += image[-1]
-        neighbours[:, 1:] += image[:, :-1]
-        neighbours[:, 0] += image[:, -1] if wrap else image[:, 0]
-        neighbours[:, :-1] += image[:, 1:]
-        neighbours[:, -1] += image[:, 0] if wrap else image[:, -1]
-        image *= np.float32(1.0 - blur)
-        neighbours *= np.float32(blur / 4.0)
-        image += neighbours
-    if noise > 0.0:
-        image += _noise(rng, image.shape) * np.float32(noise * 255.0)
-    image += np.float32(0.5)
-    np.clip(image, 0.0, 255.0, out=image)
-    return image.astype(np.uint8)
+    """Exposure and tint, blur, sensor noise, 8-bit quantisation of a linear float image."""
+    gain = (np.float32(exposure * 255.0) * tint).astype(np.float32)
+    sensor = _noise(rng, image.shape) if noise > 0.0 else np.zeros((0, 0, 3), np.float32)
+    return finish_image(np.ascontiguousarray(image, np.float32), gain, float(blur), sensor,
+                        float(noise * 255.0), bool(wrap))
 
 
 def render_tile(
