@@ -448,10 +448,11 @@ def _run_child(name: str, arguments: dict) -> dict:
 
 
 def _intermediate_bytes_per_pair(geometry, kernel: str) -> int | None:
-    """Estimated bytes of tile intermediates written and read per pair by the torch tile path.
+    """Estimated bytes of tile intermediates written and read per pair by the tile path.
 
     Products (R floats), correlations or even/odd halves (about 2 V W floats) and distance and
-    masks (8 floats) per pair, as in ``estimate_memory_bytes``, each written once and read once.
+    masks (8 floats) per pair, as in ``estimate_memory_bytes``, each written once and read once;
+    with the CPU's FFT epilogue only the products, the distance, the shift and the near-tie flag.
     None for the fused CUDA kernel, which keeps them on chip.
     """
     from cvig_engine.scoring.geometry import SpectralLayout
@@ -459,7 +460,16 @@ def _intermediate_bytes_per_pair(geometry, kernel: str) -> int | None:
     if kernel.startswith("cupy"):
         return None
     rows = SpectralLayout(geometry.aerial_width).num_rows if "spectral" in kernel else 0
+    if _uses_inverse_fft(geometry, kernel):
+        return 2 * (4 * rows + 4 + 2 + 1)
     return 2 * 4 * (rows + 2 * geometry.shifts + 8)
+
+
+def _uses_inverse_fft(geometry, kernel: str) -> bool:
+    """Whether the CPU spectral path inverts with the FFT epilogue (``TileScorer``'s rule)."""
+    from cvig_engine.scoring.inverse_fft import applies_to
+
+    return kernel == "cpu-spectral" and applies_to(geometry, "cpu")
 
 
 def _check_score_options(num_queries, num_tiles, ground_width, device, algorithm, precision,
@@ -557,7 +567,8 @@ def bench_score(num_queries: int, num_tiles: int, *, ground_width: int = 64, dev
     kernel = summary["kernel"]
     own_algorithm = "spectral" if kernel.startswith("cupy") else algorithm
     direct_flops = flops_per_pair(geometry, "direct") * pairs
-    own_flops = flops_per_pair(geometry, own_algorithm) * pairs
+    inverse_fft = _uses_inverse_fft(geometry, kernel)
+    own_flops = flops_per_pair(geometry, own_algorithm, inverse_fft=inverse_fft) * pairs
     seconds = float(summary["elapsed_seconds"])
     ceilings = record["ceilings"]
     bytes_per_pair = _intermediate_bytes_per_pair(geometry, kernel)
@@ -566,7 +577,8 @@ def bench_score(num_queries: int, num_tiles: int, *, ground_width: int = 64, dev
         "child_wall_seconds": summary["wall_seconds"],
         "pairs_per_second": pairs / seconds,
         "flops_per_pair_direct": flops_per_pair(geometry, "direct"),
-        "flops_per_pair_algorithm": flops_per_pair(geometry, own_algorithm),
+        "flops_per_pair_algorithm": flops_per_pair(geometry, own_algorithm,
+                                                   inverse_fft=inverse_fft),
         "tflops_direct_count": direct_flops / seconds / 1e12,
         "tflops_algorithm_count": own_flops / seconds / 1e12,
         "fraction_of_matmul_ceiling": own_flops / seconds / 1e12 / ceilings["matmul_tflops"],

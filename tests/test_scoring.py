@@ -385,3 +385,57 @@ def test_resume_is_refused_when_inputs_or_options_differ(tmp_path):
                                        str(tmp_path / "other.h5"),
                                        "--no-progress", "--overwrite"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("width", [4, 8, 16, 64, 128])
+@pytest.mark.parametrize("per_shift", [False, True])
+def test_fft_epilogue_matches_a_float64_sum_over_the_spectrum(width, per_shift):
+    """The compiled inverse real FFT against corr[o] = Re sum_f P_f e^{2 pi i f o / W} / W."""
+    from cvig_engine.scoring.geometry import SpectralLayout
+    from cvig_engine.scoring.inverse_fft import FftEpilogue
+
+    layout = SpectralLayout(width)
+    rng = np.random.default_rng(width)
+    count, tiles = 7, 300  # 2,100 pairs: several chunks, the last one partial
+    products = rng.standard_normal((layout.num_rows, count * tiles)).astype(np.float32)
+    # Complex spectrum of each pair from its rows (k1 - k3, k1 + k2), then the Hermitian sum.
+    spectrum = np.zeros((width // 2 + 1, count * tiles), complex)
+    for row, (frequency, kind) in enumerate(layout.rows):
+        value = products[row].astype(np.float64)
+        if kind == "real":
+            spectrum[frequency] += value
+        elif kind == "k1":
+            spectrum[frequency] += value + 1j * value
+        elif kind == "k2":
+            spectrum[frequency] += 1j * value
+        else:
+            spectrum[frequency] -= value
+    full = np.concatenate([spectrum, np.conj(spectrum[1:width // 2][::-1])])  # [W, pairs]
+    correlation = np.fft.ifft(full, axis=0).real  # [W, pairs], corr[o] per pair
+    shift_expected = correlation.argmax(axis=0).reshape(count, tiles)
+    roots = rng.uniform(0.5, 2.0, (tiles, width if per_shift else 1)).astype(np.float32)
+    best = correlation.max(axis=0).reshape(count, tiles)
+    root = roots[np.arange(tiles)[None, :], shift_expected if per_shift else 0]
+    distance = np.empty((count, tiles), np.float32)
+    shift = np.empty((count, tiles), np.int16)
+    FftEpilogue(layout)(products, count, tiles, roots, distance, shift)
+    ordered = np.sort(correlation, axis=0)
+    clear = (ordered[-1] - ordered[-2]).reshape(count, tiles) > 1e-4  # no float32 near-tie
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(shift[clear], shift_expected[clear])
+    np.testing.assert_allclose(distance, 2 - 2 * best * root, atol=2e-6)
+
+
+def test_fft_epilogue_takes_the_first_of_tied_shifts():
+    from cvig_engine.scoring.geometry import SpectralLayout
+    from cvig_engine.scoring.inverse_fft import FftEpilogue
+
+    layout = SpectralLayout(8)
+    products = np.zeros((layout.num_rows, 3), np.float32)
+    dc = [row for row, (frequency, _) in enumerate(layout.rows) if frequency == 0][0]
+    products[dc] = [8.0, 0.0, -8.0]  # constant correlation 1, 0, -1: every shift ties
+    distance = np.empty((1, 3), np.float32)
+    shift = np.full((1, 3), -1, np.int16)
+    FftEpilogue(layout)(products, 1, 3, np.ones((3, 8), np.float32), distance, shift)
+    np.testing.assert_array_equal(shift, [[0, 0, 0]])
+    np.testing.assert_allclose(distance, [[0.0, 2.0, 4.0]], atol=1e-6)

@@ -217,28 +217,12 @@ class _Scorer:
         counts = torch.zeros(count, dtype=torch.int64, device=device)
         candidates = CandidateList(count, self.candidates, device)
         for index, (tile_start, tile_stop) in enumerate(self.tiles.blocks):
-            distance = self.tiles.tile_distances(query_operands, index)
             inside = np.flatnonzero((match >= tile_start) & (match < tile_stop))
-            true_rows = torch.from_numpy(inside).to(device)
-            true_columns = torch.from_numpy(match[inside] - tile_start).to(device)
-            distance[true_rows, true_columns] = true32[true_rows, 0]
-            # d - d_true is zero only when d == d_true and keeps its sign (IEEE subtraction), so
-            # one difference serves the tie rule and the band. NaN (unknown match) is never true.
-            difference = distance - true32
-            counted = difference <= 0 if self.ties == "pessimistic" else difference < 0
-            if self.band > 0:
-                near = difference.abs_() <= self.band
-                near[true_rows, true_columns] = False
-                rows, columns = (part.cpu().numpy() for part in torch.nonzero(near, as_tuple=True))
-                if rows.size:
-                    exact, counts_against = self._refine(block, rows, columns + tile_start)
-                    rows_t = torch.from_numpy(rows).to(device)
-                    columns_t = torch.from_numpy(columns).to(device)
-                    exact32 = torch.from_numpy(exact.astype(np.float32)).to(device)
-                    distance[rows_t, columns_t] = exact32
-                    counted[rows_t, columns_t] = torch.from_numpy(counts_against).to(device)
-            counted[true_rows, true_columns] = False
-            counts += counted.sum(dim=1)
+            if self.tiles.counts_ranks:  # the CPU epilogue counts and flags near ties itself
+                distance = self._count_in_epilogue(block, query_operands, index, inside, counts)
+            else:
+                distance = self.tiles.tile_distances(query_operands, index)
+                self._count(block, distance, inside, tile_start, true32, counts)
             if matrix_writer is not None:
                 matrix_writer(block.start, tile_start, distance.cpu().numpy())
             candidates.update(distance, tile_start, self.tiles.shifts_of)
@@ -247,6 +231,59 @@ class _Scorer:
         return counts.cpu().numpy(), {"index": candidates.index.cpu().numpy(),
                                       "distance": candidates.distance.cpu().numpy(),
                                       "shift": candidates.shift.cpu().numpy()}
+
+    def _count(self, block, distance, inside, tile_start, true32, counts):
+        """Add the pairs of a tile that count against their query (torch; near ties in float64).
+
+        The true pairs take their float64 distance in ``distance`` and refined near ties their
+        float64 one (in float32).
+        """
+        import torch
+
+        device = distance.device
+        match = block.match
+        true_rows = torch.from_numpy(inside).to(device)
+        true_columns = torch.from_numpy(match[inside] - tile_start).to(device)
+        distance[true_rows, true_columns] = true32[true_rows, 0]
+        # d - d_true is zero only when d == d_true and keeps its sign (IEEE subtraction), so
+        # one difference serves the tie rule and the band. NaN (unknown match) is never true.
+        difference = distance - true32
+        counted = difference <= 0 if self.ties == "pessimistic" else difference < 0
+        if self.band > 0:
+            near = difference.abs_() <= self.band
+            near[true_rows, true_columns] = False
+            rows, columns = (part.cpu().numpy() for part in torch.nonzero(near, as_tuple=True))
+            if rows.size:
+                exact, counts_against = self._refine(block, rows, columns + tile_start)
+                rows_t = torch.from_numpy(rows).to(device)
+                columns_t = torch.from_numpy(columns).to(device)
+                exact32 = torch.from_numpy(exact.astype(np.float32)).to(device)
+                distance[rows_t, columns_t] = exact32
+                counted[rows_t, columns_t] = torch.from_numpy(counts_against).to(device)
+        counted[true_rows, true_columns] = False
+        counts += counted.sum(dim=1)
+
+    def _count_in_epilogue(self, block, query_operands, index, inside, counts):
+        """Distances of a tile with the counting done by the compiled epilogue (CPU)."""
+        import torch
+
+        from cvig_engine.scoring.inverse_fft import TileRanks
+
+        tile_start, tile_stop = self.tiles.blocks[index]
+        true_column = np.full(len(block.match), -1, np.int64)
+        true_column[inside] = block.match[inside] - tile_start
+        ranks = TileRanks(block.true_distance.astype(np.float32), true_column,
+                          self.ties == "pessimistic", self.band)
+        ranks.near = np.zeros((len(block.match), tile_stop - tile_start), np.bool_)
+        distance = self.tiles.tile_ranks(query_operands, index, ranks)
+        rows, columns = np.nonzero(ranks.near)
+        if rows.size:
+            exact, counts_against = self._refine(block, rows, columns + tile_start)
+            distance[torch.from_numpy(rows), torch.from_numpy(columns)] = torch.from_numpy(
+                exact.astype(np.float32))
+            np.add.at(ranks.counts, rows, counts_against.astype(np.int64))
+        counts += torch.from_numpy(ranks.counts)
+        return distance
 
     def _score_fused(self, block: _Block, matrix_writer):
         result = self.kernel.score(block.ground, block.match, block.true_distance,

@@ -143,14 +143,23 @@ class SpectralLayout:
         return out
 
 
-def flops_per_pair(geometry: Geometry, algorithm: str) -> float:
-    """Floating-point operations per (query, tile) pair of each algorithm."""
+def flops_per_pair(geometry: Geometry, algorithm: str, *, inverse_fft: bool = False) -> float:
+    """Floating-point operations per (query, tile) pair of each algorithm.
+
+    ``inverse_fft``: the spectral path inverts with the CPU's radix-2 FFT epilogue
+    (``scoring.inverse_fft``: about 5 M log2 M for the butterflies, 12 M to pack the real
+    spectrum into M complex points and W for the maximum, with W = 2M) rather than a GEMM.
+    """
     if algorithm == "direct":
         return 2.0 * geometry.shifts * geometry.depth * geometry.ground_width
     layout_rows = SpectralLayout(geometry.aerial_width).num_rows
     gemm = 2.0 * layout_rows * geometry.depth
     width = geometry.aerial_width
-    inverse = (1.0 if width % 2 == 0 else 2.0) * width * layout_rows
+    if inverse_fft:
+        half = width // 2
+        inverse = 5.0 * half * math.log2(half) + 12.0 * half + width
+    else:
+        inverse = (1.0 if width % 2 == 0 else 2.0) * width * layout_rows
     return geometry.vertical * (gemm + inverse)
 
 

@@ -6,9 +6,11 @@ The same code runs on the CPU (the default path, for CI and users without a GPU)
 Two algorithms (``geometry.choose_algorithm`` picks one per shape):
 
 - ``spectral``: for each spectral row a GEMM over K = C * H (batched, one call), then the inverse
-  DFT as a real GEMM against a precomputed basis (split in two halves for even W), then the first
-  argmax over the shifts; with Wg == W the window energy does not depend on the shift, so only
-  the maximum is needed.
+  DFT and the first argmax over the shifts. On the CPU, for W = 2M with M a power of two and no
+  vertical search, a compiled inverse real FFT fused with the argmax and the distance
+  (``inverse_fft``); elsewhere the inverse DFT is a real GEMM against a precomputed basis (split
+  in two halves for even W) and, with Wg == W (the window energy does not depend on the shift),
+  only the maximum is taken.
 - ``direct``: for each shift, a GEMM of the ground maps against that shifted aerial window, with
   a running first argmax (strict ``>``).
 
@@ -16,11 +18,14 @@ Both give float32 distances d = 2 - 2 corr[s*] / sqrt(E[m, s*]).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from cvig_engine.scoring.geometry import (Geometry, SpectralLayout, ground_spectra,
                                           inverse_root_energy, normalised_ground)
+from cvig_engine.scoring.inverse_fft import FftEpilogue, applies_to
 
 __all__ = ["TileScorer", "PRECISIONS"]
 
@@ -57,6 +62,7 @@ class TileScorer:
         if geometry.full_circle:
             inverse_root = inverse_root[:, :, 0]  # constant over o
         self.inverse_root = torch.from_numpy(np.ascontiguousarray(inverse_root)).to(self.device)
+        self.fft_epilogue = None
         if algorithm == "spectral":
             self.layout = SpectralLayout(geometry.aerial_width)
             basis = torch.from_numpy(self.layout.basis.astype(np.float32)).to(self.device)
@@ -68,6 +74,11 @@ class TileScorer:
             else:
                 self.basis_full = basis.T.contiguous()  # [R, W]
             per_tile = 4 * geometry.vertical * self.layout.num_rows * geometry.depth
+            if applies_to(geometry, self.device.type):
+                self.fft_epilogue = FftEpilogue(self.layout)
+                # [M, 1] (full circle: one energy per tile) or [M, W], as the epilogue reads it.
+                self.inverse_root_rows = np.ascontiguousarray(
+                    self.inverse_root.numpy().reshape(len(aerial), -1), dtype=np.float32)
         else:
             per_tile = 4 * geometry.channels * geometry.aerial_height * geometry.aerial_width
         self._cache = {} if per_tile * len(aerial) <= cache_bytes else None
@@ -121,6 +132,8 @@ class TileScorer:
         """
         start, stop = self.blocks[block]
         aerial_operands = self.aerial_operands(block)
+        if self.algorithm == "spectral" and self.fft_epilogue is not None:
+            return self._spectral_fft(query_operands, aerial_operands, start, stop)
         inverse_root = self.inverse_root[start:stop]
         if self.algorithm == "direct":
             best, offset = self._direct(query_operands, aerial_operands)
@@ -148,11 +161,17 @@ class TileScorer:
         return correlation.argmax(dim=1)  # the first maximum
 
     def _buffer(self, name, shape):
+        """A float32 scratch tensor of ``shape``: a view of one allocation kept per name.
+
+        The allocation only grows, so the last, smaller aerial block of each query block does
+        not free and re-fault hundreds of megabytes.
+        """
+        size = math.prod(shape)
         buffer = self._buffers.get(name)
-        if buffer is None or buffer.shape != shape:
-            buffer = torch.empty(shape, dtype=torch.float32, device=self.device)
+        if buffer is None or buffer.numel() < size:
+            buffer = torch.empty(size, dtype=torch.float32, device=self.device)
             self._buffers[name] = buffer
-        return buffer
+        return buffer[:size].view(shape)
 
     def _products(self, query_operands, tile_operands, out):
         """P = L_r A_r for every row r into ``out`` [R, n, Ta] (float32)."""
@@ -222,6 +241,31 @@ class TileScorer:
         shift = _first_argmax(flat)
         self._last = ("shift", shift.view(count, tiles))
         return flat.gather(1, shift[:, None]).view(count, tiles), shift.view(count, tiles)
+
+    @property
+    def counts_ranks(self) -> bool:
+        """Whether ``tile_ranks`` is available (the compiled CPU epilogue counts in passing)."""
+        return self.fft_epilogue is not None
+
+    def tile_ranks(self, query_operands, block: int, ranks) -> torch.Tensor:
+        """``tile_distances`` that also fills an ``inverse_fft.TileRanks`` (see there)."""
+        start, stop = self.blocks[block]
+        return self._spectral_fft(query_operands, self.aerial_operands(block), start, stop, ranks)
+
+    def _spectral_fft(self, query_operands, aerial_operands, start, stop, ranks=None):
+        """Distances [n, Ta] through the compiled inverse FFT (CPU, W = 2M, M a power of two)."""
+        rows, count, _ = query_operands.shape
+        tiles = stop - start
+        products = self._buffer("products", (rows, count, tiles))
+        self._products(query_operands, aerial_operands[0], products)
+        # Fresh outputs (the caller keeps the distances); small next to the products buffer.
+        distance = torch.empty((count, tiles), dtype=torch.float32)
+        shift = torch.empty((count, tiles), dtype=torch.int16)
+        self.fft_epilogue(products.view(rows, count * tiles).numpy(), count, tiles,
+                          self.inverse_root_rows[start:stop], distance.numpy(), shift.numpy(),
+                          ranks)
+        self._last = ("shift", shift)
+        return distance
 
     def _direct(self, query_operands, aerial_operands):
         """Per-shift GEMMs with a running first argmax: best [n, Ta] and shift [n, Ta]."""
