@@ -467,9 +467,11 @@ def _intermediate_bytes_per_pair(geometry, kernel: str) -> int | None:
 
 def _uses_inverse_fft(geometry, kernel: str) -> bool:
     """Whether the CPU spectral path inverts with the FFT epilogue (``TileScorer``'s rule)."""
+    if kernel != "cpu-spectral":
+        return False
     from cvig_engine.scoring.inverse_fft import applies_to
 
-    return kernel == "cpu-spectral" and applies_to(geometry, "cpu")
+    return applies_to(geometry, "cpu")
 
 
 def _check_score_options(num_queries, num_tiles, ground_width, device, algorithm, precision,

@@ -25,7 +25,6 @@ import torch
 
 from cvig_engine.scoring.geometry import (Geometry, SpectralLayout, ground_spectra,
                                           inverse_root_energy, normalised_ground)
-from cvig_engine.scoring.inverse_fft import FftEpilogue, applies_to
 
 __all__ = ["TileScorer", "PRECISIONS"]
 
@@ -74,11 +73,14 @@ class TileScorer:
             else:
                 self.basis_full = basis.T.contiguous()  # [R, W]
             per_tile = 4 * geometry.vertical * self.layout.num_rows * geometry.depth
-            if applies_to(geometry, self.device.type):
-                self.fft_epilogue = FftEpilogue(self.layout)
-                # [M, 1] (full circle: one energy per tile) or [M, W], as the epilogue reads it.
-                self.inverse_root_rows = np.ascontiguousarray(
-                    self.inverse_root.numpy().reshape(len(aerial), -1), dtype=np.float32)
+            if self.device.type == "cpu":  # numba only where it runs: CUDA hosts may lack it
+                from cvig_engine.scoring.inverse_fft import FftEpilogue, applies_to
+
+                if applies_to(geometry, "cpu"):
+                    self.fft_epilogue = FftEpilogue(self.layout)
+                    # [M, 1] (full circle: one energy per tile) or [M, W], as the epilogue reads.
+                    self.inverse_root_rows = np.ascontiguousarray(
+                        self.inverse_root.numpy().reshape(len(aerial), -1), dtype=np.float32)
         else:
             per_tile = 4 * geometry.channels * geometry.aerial_height * geometry.aerial_width
         self._cache = {} if per_tile * len(aerial) <= cache_bytes else None
