@@ -489,7 +489,7 @@ def test_shadow_heights_match_the_numpy_recurrence_for_every_sun_direction(azimu
 
 @pytest.mark.parametrize("wrap", [False, True])
 def test_image_finish_matches_the_numpy_formula(wrap):
-    from cvig_engine.synth.raymarch import finish_image
+    from cvig_engine.synth.loops import finish_image
 
     rng = np.random.default_rng(1)
     image = rng.uniform(0.0, 1.2, (9, 14, 3)).astype(np.float32)
@@ -507,3 +507,100 @@ def test_image_finish_matches_the_numpy_formula(wrap):
     assert np.mean(got != expected) < 0.01 and np.abs(got.astype(int) - expected).max() <= 1
     clean = finish_image(image, gain, 0.0, np.zeros((0, 0, 3), np.float32), 0.0, wrap)
     np.testing.assert_array_equal(clean, np.floor(np.clip(image * gain + 0.5, 0, 255)))
+
+
+def test_resampling_into_the_world_matches_the_numpy_formula():
+    from cvig_engine.synth.loops import resample_layers
+
+    rng = np.random.default_rng(3)
+    count, size, extent, resolution = 40, 31, 10.0, 0.5
+    layers = (rng.random((count, count)).astype(np.float32),
+              rng.integers(0, 8, (count, count)).astype(np.uint8),
+              rng.integers(-1, 50, (count, count)).astype(np.int32),
+              rng.random((count, count)) < 0.5,
+              rng.integers(-1, 9, (count, count)).astype(np.int16))
+    x = (np.arange(size) + 0.5) * 0.6 - 9.3
+    y = 9.3 - (np.arange(size) + 0.5) * 0.6
+    angle = 0.7
+    got = resample_layers(x, y, math.cos(angle), math.sin(angle), extent, resolution, count,
+                          *(layer.ravel() for layer in layers))
+    u = x[None, :] * math.cos(angle) + y[:, None] * math.sin(angle)
+    v = -x[None, :] * math.sin(angle) + y[:, None] * math.cos(angle)
+    columns = np.clip(np.floor((u + extent) / resolution), 0, count - 1).astype(np.int64)
+    rows = np.clip(np.floor((extent - v) / resolution), 0, count - 1).astype(np.int64)
+    for layer, result in zip(layers, got, strict=True):
+        assert result.dtype == layer.dtype
+        np.testing.assert_array_equal(result, layer[rows, columns])
+
+
+def test_tree_crowns_match_a_per_tree_numpy_rasterisation():
+    from cvig_engine.synth.city import BUILDING, TREE
+    from cvig_engine.synth.loops import plant_crowns
+
+    rng = np.random.default_rng(4)
+    size, resolution = 48, 0.5
+    half = size * resolution / 2
+    height = np.where(rng.random((size, size)) < 0.2, rng.uniform(1, 9, (size, size)), 0.0)
+    height = height.astype(np.float32)
+    material = np.where(height > 0, BUILDING, 0).astype(np.uint8)
+    object_id = np.full((size, size), -1, np.int32)
+    count = 25
+    x, y = rng.uniform(-half - 2, half + 2, count), rng.uniform(-half - 2, half + 2, count)
+    radii, heights = rng.uniform(1.0, 4.0, count), rng.uniform(3.0, 12.0, count)
+    expected = [layer.copy() for layer in (height, material, object_id)]
+    for ident in range(count):  # later trees win where they are taller, as in the city
+        rows, columns = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+        cell_x = (columns + 0.5) * resolution - half
+        cell_y = half - (rows + 0.5) * resolution
+        distance2 = ((cell_x - x[ident]) ** 2 + (cell_y - y[ident]) ** 2) / radii[ident] ** 2
+        dome = (heights[ident] * (0.35 + 0.65 * np.sqrt(np.clip(1 - distance2, 0, 1))))
+        dome = dome.astype(np.float32)
+        grow = (distance2 < 1) & (expected[1] != BUILDING) & (dome > expected[0])
+        expected[0][grow], expected[1][grow], expected[2][grow] = dome[grow], TREE, ident
+    plant_crowns(x, y, radii, heights, resolution, half, height, material, object_id,
+                 BUILDING, TREE)
+    for got, want in zip((height, material, object_id), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert (material == TREE).sum() > 50 and set(np.unique(object_id)) > {-1, 0}
+
+
+def test_overhead_colours_match_the_numpy_formula():
+    from cvig_engine.synth.city import BUILDING, GRASS, ROAD, TREE, VEHICLE
+    from cvig_engine.synth.loops import overhead_colours
+
+    rng = np.random.default_rng(5)
+    size = 24
+    material = rng.integers(0, 8, (size, size)).astype(np.uint8)
+    material[5:12, 5:12] = BUILDING  # a roof with an interior and an edge
+    object_id = rng.integers(0, 6, (size, size)).astype(np.int32)
+    overhead_vehicle = np.where(rng.random((size, size)) < 0.1, rng.integers(0, 3, (size, size)),
+                                -1).astype(np.int16)
+    texture = rng.uniform(-1, 1, (size, size)).astype(np.float32)
+    amplitude = rng.uniform(0, 0.2, 8).astype(np.float32)
+    table = rng.uniform(0, 1, (5 + 6 + 6 + 3, 3)).astype(np.float32)
+    shadow = rng.random((size, size)) < 0.3
+    ratio = np.array([2.0, 1.05, 0.65], np.float32)
+    code = np.where(material == VEHICLE, ROAD, material)
+    is_tree = code == TREE
+    crown_light = rng.uniform(0, 1, int(is_tree.sum())).astype(np.float32)
+    image, vegetation = overhead_colours(material, object_id, overhead_vehicle, texture,
+                                         amplitude, table, 5, 11, 17, crown_light, shadow, ratio)
+    index = code.astype(np.int64)
+    index = np.where(code == BUILDING, 5 + object_id, index)
+    index = np.where(is_tree, 11 + object_id, index)
+    index = np.where((overhead_vehicle >= 0) & (code != BUILDING) & ~is_tree,
+                     17 + overhead_vehicle, index)
+    factor = 1.0 + amplitude[code] * texture
+    building = code == BUILDING
+    edge = np.zeros_like(building)
+    edge[1:-1, 1:-1] = building[1:-1, 1:-1] & ~(building[:-2, 1:-1] & building[2:, 1:-1]
+                                                & building[1:-1, :-2] & building[1:-1, 2:])
+    factor[edge] *= 0.78
+    factor[is_tree] *= 0.55 + 0.6 * crown_light
+    factor[shadow] *= 0.5
+    expected = table[index] * factor[..., None]
+    green = (code == GRASS) | is_tree
+    expected[green] *= ratio
+    np.testing.assert_array_equal(vegetation, green)
+    np.testing.assert_array_equal(image, expected)
+    assert edge.sum() > 0 and building[6:11, 6:11].all() and not edge[6:11, 6:11].any()

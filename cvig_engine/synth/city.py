@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cvig_engine.synth.raymarch import shadow_sweep
+from cvig_engine.synth.loops import (overhead_colours, plant_crowns, resample_layers,
+                                     shadow_sweep)
 from cvig_engine.synth.settings import SynthSettings
 from cvig_engine.synth.style import SEASON_RATIOS, CityStyle, Sun
 
@@ -210,7 +211,6 @@ class City:
         style = self.style
         overhead_material = np.where(self.material == VEHICLE, ROAD, self.material).astype(np.uint8)
         overhead_height = np.where(self.material == VEHICLE, np.float32(0.0), self.height)
-        is_building = overhead_material == BUILDING
         is_tree = overhead_material == TREE
         # One colour table (ground materials, roofs, crowns, overhead-time vehicles) and one gather.
         ground_table = np.stack([style.ground_colours[name] for name in GROUND_NAMES]).astype(
@@ -224,32 +224,14 @@ class City:
         roof_start = len(ground_table)
         crown_start = roof_start + len(roofs)
         vehicle_start = crown_start + len(crowns)
-        colour_index = overhead_material.astype(np.int32)
-        colour_index = np.where(is_building, roof_start + self.object_id, colour_index)
-        colour_index = np.where(is_tree, crown_start + self.object_id, colour_index)
-        has_vehicle = (self.overhead_vehicle >= 0) & ~is_building & ~is_tree
-        colour_index = np.where(has_vehicle, vehicle_start + self.overhead_vehicle, colour_index)
-        factor = 1.0 + _TEXTURE_AMPLITUDE[overhead_material] * self.texture
-        # Roof edges (parapets) read as darker outlines from above.
-        edge = np.zeros_like(is_building)
-        edge[1:-1, 1:-1] = is_building[1:-1, 1:-1] & ~(
-            is_building[:-2, 1:-1]
-            & is_building[2:, 1:-1]
-            & is_building[1:-1, :-2]
-            & is_building[1:-1, 2:]
-        )
-        factor[edge] *= 0.78
         sun = style.overhead_sun
-        if is_tree.any():
-            factor[is_tree] *= 0.55 + 0.6 * _crown_lambert(
-                overhead_height, self.resolution, sun, is_tree
-            )
+        crown_light = (_crown_lambert(overhead_height, self.resolution, sun, is_tree)
+                       if is_tree.any() else np.zeros(0, np.float32))
         shadow = shadow_heights(overhead_height, self.resolution, sun) > overhead_height + 0.3
-        factor[shadow] *= 0.5
-        image = table[colour_index]
-        image *= factor[..., None]
-        vegetation = (overhead_material == GRASS) | is_tree
-        image[vegetation] *= SEASON_RATIOS[style.overhead_season]
+        image, vegetation = overhead_colours(
+            self.material, self.object_id, self.overhead_vehicle, self.texture, _TEXTURE_AMPLITUDE,
+            table, roof_start, crown_start, vehicle_start, crown_light, shadow,
+            SEASON_RATIOS[style.overhead_season])
         return image, vegetation
 
 
@@ -585,42 +567,14 @@ def _place_vehicles(frame, rng, style, u_roads, v_roads, half):
 
 def _resample_into_world(frame, city):
     """Nearest-neighbour resampling of the city-frame layers into the north-up world raster."""
-    index = np.arange(city.size_px, dtype=np.float32)
-    x = (index + 0.5) * np.float32(city.resolution) - np.float32(city.half)
-    y = -x  # rows run north to south
-    cos_a, sin_a = np.float32(math.cos(city.angle)), np.float32(math.sin(city.angle))
-    scale = np.float32(1.0 / frame.resolution)
-    columns = ((x[None, :] * cos_a + y[:, None] * sin_a) + np.float32(frame.extent)) * scale
-    rows = (np.float32(frame.extent) - (-x[None, :] * sin_a + y[:, None] * cos_a)) * scale
-    flat = np.clip(rows.astype(np.int64), 0, frame.count - 1) * frame.count
-    flat += np.clip(columns.astype(np.int64), 0, frame.count - 1)
-    city.height = frame.height.ravel()[flat]
-    city.material = frame.material.ravel()[flat]
-    city.object_id = frame.object_id.ravel()[flat]
-    city.road = frame.road.ravel()[flat]
-    city.overhead_vehicle = frame.overhead_vehicle.ravel()[flat]
-
-
-def _resample_into_world(frame, city):
-    """Nearest-neighbour resampling of the city-frame layers into the north-up world raster."""
     index = np.arange(city.size_px)
     x, _ = city.pixel_centre(0, index)
     _, y = city.pixel_centre(index, 0)
-    cos_a, sin_a = math.cos(city.angle), math.sin(city.angle)
-    u = x[None, :] * cos_a + y[:, None] * sin_a
-    v = -x[None, :] * sin_a + y[:, None] * cos_a
-    columns = np.clip(np.floor((u + frame.extent) / frame.resolution), 0, frame.count - 1).astype(
-        np.int64
-    )
-    rows = np.clip(np.floor((frame.extent - v) / frame.resolution), 0, frame.count - 1).astype(
-        np.int64
-    )
-    flat = rows * frame.count + columns
-    city.height = frame.height.ravel()[flat]
-    city.material = frame.material.ravel()[flat]
-    city.object_id = frame.object_id.ravel()[flat]
-    city.road = frame.road.ravel()[flat]
-    city.overhead_vehicle = frame.overhead_vehicle.ravel()[flat]
+    layers = (frame.height, frame.material, frame.object_id, frame.road, frame.overhead_vehicle)
+    (city.height, city.material, city.object_id, city.road,
+     city.overhead_vehicle) = resample_layers(
+        x, y, math.cos(city.angle), math.sin(city.angle), float(frame.extent),
+        float(frame.resolution), frame.count, *(layer.ravel() for layer in layers))
 
 
 def _street_trees(rng, style, u_roads, v_roads, extent):
@@ -655,25 +609,8 @@ def _plant_trees(city, rng, trees_uv):
     radii = rng.uniform(*style.crown_radius, count)
     heights = rng.uniform(*style.tree_height, count)
     city.tree_shade = rng.uniform(0.75, 1.2, count).astype(np.float32)
-    resolution = city.resolution
-    for ident in range(count):
-        radius = radii[ident]
-        row_centre, column_centre = city.to_pixel(x[ident], y[ident])
-        reach = int(math.ceil(radius / resolution)) + 1
-        r0, r1 = max(row_centre - reach, 0), min(row_centre + reach + 1, city.size_px)
-        c0, c1 = max(column_centre - reach, 0), min(column_centre + reach + 1, city.size_px)
-        if r1 <= r0 or c1 <= c0:
-            continue
-        cell_x, cell_y = city.pixel_centre(np.arange(r0, r1)[:, None], np.arange(c0, c1)[None, :])
-        distance2 = ((cell_x - x[ident]) ** 2 + (cell_y - y[ident]) ** 2) / (radius * radius)
-        crown = np.sqrt(np.clip(1.0 - distance2, 0.0, 1.0))
-        dome = (heights[ident] * (0.35 + 0.65 * crown)).astype(np.float32)
-        window = (slice(r0, r1), slice(c0, c1))
-        material = city.material[window]
-        grow = (distance2 < 1.0) & (material != BUILDING) & (dome > city.height[window])
-        city.height[window][grow] = dome[grow]
-        material[grow] = TREE
-        city.object_id[window][grow] = ident
+    plant_crowns(x, y, radii, heights, city.resolution, city.half, city.height, city.material,
+                 city.object_id, BUILDING, TREE)
 
 
 def _texture(rng, size_px):

@@ -12,7 +12,7 @@ pixel in both directions, the horizon between the two middle rows.
 Each column is marched over a fixed set of geometrically spaced radii. A ray at elevation ``e``
 stops at the first sample whose column reaches it, ``(h_k - eye) / r_k >= tan(e)``; with the
 running maximum of that ratio monotone along the ray, a column's rows are all resolved in one
-sweep down the rows (``raymarch.street_pixels``). Ground hits are then re-coloured at
+sweep down the rows (``loops.street_pixels``). Ground hits are then re-coloured at
 the ray's exact ground intersection, facades per pixel (floors, windows, sun and shadow).
 
 Heading convention: a photo whose centre faces compass heading ``h`` with field of view ``fov``
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cvig_engine.synth.city import BUILDING, GROUND_NAMES, GRASS, MARKING, ROAD, TREE, VEHICLE, City
-from cvig_engine.synth.raymarch import finish_image, street_pixels
+from cvig_engine.synth.loops import finish_image, street_pixels
 from cvig_engine.synth.settings import SynthSettings
 from cvig_engine.synth.style import SEASON_RATIOS, Sun
 

@@ -1,7 +1,8 @@
-"""Compiled (numba) inner loops of the street-level renderer and of the image finish.
+"""Compiled (numba) inner loops of the synthetic world: the street-level renderer, the image
+finish, and the city's shadow sweeps, resampling and tree crowns.
 
-``render.py`` decides what to draw (conditions, occluders, close-ups); these loops do the per
-column and per pixel work that numpy would spread over dozens of full-image passes.
+``render.py`` and ``city.py`` decide what to draw; these loops do the per column, per pixel and
+per cell work that numpy would spread over dozens of full-raster passes.
 
 Each column is marched over fixed radii. The running maximum of ``(height - eye) / radius`` along
 the column is its horizon profile, non-decreasing with the radius, so the sample that each row's
@@ -19,7 +20,7 @@ import numba
 import numpy as np
 
 # Material codes of cvig_engine.synth.city; ground materials are those <= _MARKING.
-_MARKING, _BUILDING, _TREE, _VEHICLE = 4, 5, 6, 7
+_GRASS, _ROAD, _MARKING, _BUILDING, _TREE, _VEHICLE = 0, 3, 4, 5, 6, 7
 
 # cache=True: compiled once per machine (next to this file), not once per process.
 _COMPILE = dict(cache=True, nogil=True)
@@ -226,3 +227,117 @@ def shadow_sweep(height, transpose, flip, offsets, drop):
             else:
                 result[row, column] = value
     return result
+
+
+@numba.njit(**_COMPILE)
+def resample_layers(x, y, cos_a, sin_a, extent, resolution, count,
+                    height, material, object_id, road, overhead_vehicle):  # fmt: skip
+    """Nearest-neighbour resampling of five flat city-frame layers (count x count, rotated by the
+    city angle) onto the world raster whose pixel centres are x (columns) and y (rows).
+
+    A world pixel takes the frame cell holding its centre: column floor((u + extent) / resolution)
+    and row floor((extent - v) / resolution), clipped, with (u, v) the centre in the city frame.
+    """
+    size = x.shape[0]
+    out_height = np.empty((size, size), height.dtype)
+    out_material = np.empty((size, size), material.dtype)
+    out_object = np.empty((size, size), object_id.dtype)
+    out_road = np.empty((size, size), road.dtype)
+    out_vehicle = np.empty((size, size), overhead_vehicle.dtype)
+    last = count - 1
+    for row in range(size):
+        for column in range(size):
+            u = x[column] * cos_a + y[row] * sin_a
+            v = -x[column] * sin_a + y[row] * cos_a
+            frame_column = min(max(math.floor((u + extent) / resolution), 0), last)
+            frame_row = min(max(math.floor((extent - v) / resolution), 0), last)
+            cell = int(frame_row) * count + int(frame_column)
+            out_height[row, column] = height[cell]
+            out_material[row, column] = material[cell]
+            out_object[row, column] = object_id[cell]
+            out_road[row, column] = road[cell]
+            out_vehicle[row, column] = overhead_vehicle[cell]
+    return out_height, out_material, out_object, out_road, out_vehicle
+
+
+@numba.njit(**_COMPILE)
+def plant_crowns(x, y, radii, heights, resolution, half, height, material, object_id,
+                 building_code, tree_code):  # fmt: skip
+    """Rasterise tree crowns (domes, solid down to the ground) into the world layers, in order.
+
+    Tree i (centre x[i], y[i], radius radii[i], top heights[i]) takes every cell whose centre is
+    within its radius, that is no building and that is lower than its dome
+    heights[i] * (0.35 + 0.65 * sqrt(1 - (d / r)^2)); its object id is i.
+    """
+    size = height.shape[0]
+    for ident in range(x.shape[0]):
+        radius = radii[ident]
+        row_centre = min(max(int(math.floor((half - y[ident]) / resolution)), 0), size - 1)
+        column_centre = min(max(int(math.floor((x[ident] + half) / resolution)), 0), size - 1)
+        reach = int(math.ceil(radius / resolution)) + 1
+        for row in range(max(row_centre - reach, 0), min(row_centre + reach + 1, size)):
+            cell_y = half - (row + 0.5) * resolution
+            for column in range(max(column_centre - reach, 0),
+                                min(column_centre + reach + 1, size)):
+                cell_x = (column + 0.5) * resolution - half
+                distance2 = ((cell_x - x[ident]) ** 2 + (cell_y - y[ident]) ** 2) / (
+                    radius * radius)
+                crown = math.sqrt(min(max(1.0 - distance2, 0.0), 1.0))
+                dome = np.float32(heights[ident] * (0.35 + 0.65 * crown))
+                if (distance2 < 1.0 and material[row, column] != building_code
+                        and dome > height[row, column]):
+                    height[row, column] = dome
+                    material[row, column] = tree_code
+                    object_id[row, column] = ident
+
+
+@numba.njit(**_COMPILE)
+def overhead_colours(material, object_id, overhead_vehicle, texture, amplitude, table, roof_start,
+                     crown_start, vehicle_start, crown_light, shadow, season_ratio):  # fmt: skip
+    """The overhead colour image [N, N, 3] and its vegetation mask, one pass over the raster.
+
+    Per cell: the colour-table entry of its material (roofs, crowns and the vehicles present at
+    the overhead's time by object id; parked street vehicles read as road), times a texture
+    factor 1 + amplitude * texture, darkened on roof edges (0.78), lit on crowns
+    (0.55 + 0.6 * crown_light, in the row-major order of the tree cells), halved in shadow, and
+    grass and crowns tinted by the season. float32 throughout.
+    """
+    size = material.shape[0]
+    image = np.empty((size, size, 3), np.float32)
+    vegetation = np.empty((size, size), np.bool_)
+    tree_cell = 0
+    for row in range(size):
+        for column in range(size):
+            code = material[row, column]
+            if code == _VEHICLE:
+                code = _ROAD
+            index = np.int64(code)
+            if code == _BUILDING:
+                index = roof_start + object_id[row, column]
+            elif code == _TREE:
+                index = crown_start + object_id[row, column]
+            elif overhead_vehicle[row, column] >= 0:
+                index = vehicle_start + overhead_vehicle[row, column]
+            factor = np.float32(1.0) + amplitude[code] * texture[row, column]
+            if (code == _BUILDING and 0 < row < size - 1 and 0 < column < size - 1
+                    and not (_is_building(material[row - 1, column])
+                             and _is_building(material[row + 1, column])
+                             and _is_building(material[row, column - 1])
+                             and _is_building(material[row, column + 1]))):
+                factor *= np.float32(0.78)  # roof edge: a parapet outline
+            if code == _TREE:
+                factor *= np.float32(0.55) + np.float32(0.6) * crown_light[tree_cell]
+                tree_cell += 1
+            if shadow[row, column]:
+                factor *= np.float32(0.5)
+            green = code == _GRASS or code == _TREE
+            vegetation[row, column] = green
+            for channel in range(3):
+                value = table[index, channel] * factor
+                image[row, column, channel] = value * season_ratio[channel] if green else value
+    return image, vegetation
+
+
+@numba.njit(inline="always", cache=True)
+def _is_building(code):  # pragma: no cover - compiled
+    return code == _BUILDING
