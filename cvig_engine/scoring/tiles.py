@@ -95,7 +95,10 @@ class TileScorer:
             return torch.from_numpy(flat).to(self.device)
         spectrum = ground_spectra(ground, self.geometry.aerial_width)
         spectrum = spectrum.reshape(len(ground), self.geometry.depth, -1)  # [n, K, F]
-        rows = np.stack(self.layout.query_rows(spectrum)).astype(np.float32)  # [R, n, K]
+        by_frequency = np.ascontiguousarray(spectrum.transpose(2, 0, 1))  # rows: contiguous
+        rows = np.empty((self.layout.num_rows, len(ground), self.geometry.depth), np.float32)
+        for row, values in enumerate(self.layout.query_rows(np.moveaxis(by_frequency, 0, -1))):
+            rows[row] = values  # [n, K]
         return self._lower(torch.from_numpy(rows).to(self.device))
 
     def aerial_operands(self, block: int):
@@ -109,13 +112,16 @@ class TileScorer:
         else:
             geometry = self.geometry
             spectrum = np.fft.rfft(aerial, axis=-1)  # [Ta, C, Ha, F]
-            per_offset = []
+            operands = np.empty((geometry.vertical, self.layout.num_rows, geometry.depth,
+                                 len(aerial)), np.float32)
             for v in range(geometry.vertical):
                 window = spectrum[:, :, v:v + geometry.ground_height]
                 window = window.reshape(len(aerial), geometry.depth, -1)  # [Ta, K, F]
-                rows = np.stack(self.layout.tile_rows(window))  # [R, Ta, K]
-                per_offset.append(rows.transpose(0, 2, 1))  # [R, K, Ta]
-            operands = np.ascontiguousarray(np.stack(per_offset), dtype=np.float32)
+                # One transposing copy to [F, K, Ta]: each row is then a contiguous slice.
+                by_frequency = np.ascontiguousarray(window.transpose(2, 1, 0))
+                for row, values in enumerate(self.layout.tile_rows(np.moveaxis(by_frequency,
+                                                                               0, -1))):
+                    operands[v, row] = values  # [K, Ta]
             operands = self._lower(torch.from_numpy(operands).to(self.device))
         if self._cache is not None:
             self._cache[block] = operands
