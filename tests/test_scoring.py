@@ -439,3 +439,38 @@ def test_fft_epilogue_takes_the_first_of_tied_shifts():
     FftEpilogue(layout)(products, 1, 3, np.ones((3, 8), np.float32), distance, shift)
     np.testing.assert_array_equal(shift, [[0, 0, 0]])
     np.testing.assert_allclose(distance, [[0.0, 2.0, 4.0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+def test_fft_epilogue_counts_ranks_flags_near_ties_and_places_true_distances(ties):
+    from cvig_engine.scoring.geometry import SpectralLayout
+    from cvig_engine.scoring.inverse_fft import FftEpilogue, TileRanks
+
+    layout = SpectralLayout(16)
+    epilogue = FftEpilogue(layout)
+    rng = np.random.default_rng(9)
+    count, tiles, band = 6, 500, 2e-3
+    products = rng.standard_normal((layout.num_rows, count * tiles)).astype(np.float32)
+    roots = rng.uniform(0.5, 2.0, (tiles, 16)).astype(np.float32)
+    plain = np.empty((count, tiles), np.float32)
+    epilogue(products, count, tiles, roots, plain, np.empty((count, tiles), np.int16))
+    true_distance = np.quantile(plain, [0.1, 0.3, 0.5, 0.7, 0.9, 0.5], axis=1).diagonal().copy()
+    true_distance[5] = np.nan  # unknown true tile: nothing counts
+    true_distance[2] = plain[2, 17]  # an exact tie with tile 17
+    true_column = np.array([3, -1, 40, 499, 0, -1])
+    ranks = TileRanks(true_distance, true_column, ties == "pessimistic", band, tiles)
+    distance = np.empty((count, tiles), np.float32)
+    epilogue(products, count, tiles, roots, distance, np.empty((count, tiles), np.int16), ranks)
+    difference = plain - true_distance.astype(np.float32)[:, None]
+    is_true = np.zeros((count, tiles), bool)
+    rows = np.flatnonzero(true_column >= 0)
+    is_true[rows, true_column[rows]] = True
+    near = (np.abs(difference) <= band) & ~is_true
+    counted = (difference <= 0) if ties == "pessimistic" else (difference < 0)
+    np.testing.assert_array_equal(ranks.near, near)
+    np.testing.assert_array_equal(ranks.counts, (counted & ~near & ~is_true).sum(axis=1))
+    np.testing.assert_array_equal(distance[~is_true], plain[~is_true])
+    np.testing.assert_array_equal(distance[rows, true_column[rows]],
+                                  true_distance[rows].astype(np.float32))
+    assert ranks.counts[5] == 0 and not ranks.near[5].any() and near[2, 17]
+    assert ranks.counts[:5].min() > 0 and near.sum() > count

@@ -272,9 +272,8 @@ class _Scorer:
         tile_start, tile_stop = self.tiles.blocks[index]
         true_column = np.full(len(block.match), -1, np.int64)
         true_column[inside] = block.match[inside] - tile_start
-        ranks = TileRanks(block.true_distance.astype(np.float32), true_column,
-                          self.ties == "pessimistic", self.band)
-        ranks.near = np.zeros((len(block.match), tile_stop - tile_start), np.bool_)
+        ranks = TileRanks(block.true_distance, true_column, self.ties == "pessimistic", self.band,
+                          tile_stop - tile_start)
         distance = self.tiles.tile_ranks(query_operands, index, ranks)
         rows, columns = np.nonzero(ranks.near)
         if rows.size:
