@@ -816,9 +816,14 @@ class _PairDatasetImplementation:
         heading = (record.heading + offset) % 360.0 if math.isfinite(record.heading) else math.nan
         return {"ground": ground, "aerial": aerial, "index": int(index), "heading": float(heading)}
 
-    def _cached(self, key, deterministic: bool, compute):
-        """``compute()``, kept in the cache when it draws nothing at random."""
-        if self.cache is None or not deterministic:
+    def _cached(self, key, cacheable: bool, compute):
+        """``compute()``, read from and kept in the cache when ``cacheable``.
+
+        Model inputs are cacheable when they draw nothing at random; decoded images when their
+        model input is not cached itself (the choice is fixed per view, so a key is either
+        always or never cacheable).
+        """
+        if self.cache is None or not cacheable:
             return compute()
         if key in self.cache:
             return self.cache[key]
@@ -839,18 +844,17 @@ class _PairDatasetImplementation:
         Views whose model input is cached as a tensor are not kept decoded as well.
         """
         path = record.surface if kind == "surface" else record.overhead
-        key = (kind, record.row, path)
-        if self.cache is not None and key in self.cache:
-            return self.cache[key]
-        image = load_image(path, csv_path=record.csv_path, row=record.row)
-        masks = None
-        if self.use_masks:
-            names = GROUND_MASKS if kind == "surface" else AERIAL_MASKS
-            masks = [load_mask(record.masks[name], csv_path=record.csv_path, row=record.row)
-                     for name in names]
-        if self.cache is not None and keep:
-            self._keep(key, (image, masks))
-        return image, masks
+
+        def decode():
+            image = load_image(path, csv_path=record.csv_path, row=record.row)
+            masks = None
+            if self.use_masks:
+                names = GROUND_MASKS if kind == "surface" else AERIAL_MASKS
+                masks = [load_mask(record.masks[name], csv_path=record.csv_path, row=record.row)
+                         for name in names]
+            return image, masks
+
+        return self._cached((kind, record.row, path), keep, decode)
 
     def _ground(self, record, rng, keep: bool):
         image, masks = self._decoded(record, "surface", keep)

@@ -140,7 +140,7 @@ class TileScorer:
         """
         start, stop = self.blocks[block]
         aerial_operands = self.aerial_operands(block)
-        if self.algorithm == "spectral" and self.fft_epilogue is not None:
+        if self.fft_epilogue is not None:
             return self._spectral_fft(query_operands, aerial_operands, start, stop)
         inverse_root = self.inverse_root[start:stop]
         if self.algorithm == "direct":

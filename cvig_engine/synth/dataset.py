@@ -349,10 +349,10 @@ def _write_city(
         if kind != "masks" or settings.masks:
             folder.mkdir(parents=True, exist_ok=True)
     digits = max(5, len(str(count)))
+    extension = IMAGE_FORMATS[image_format]
     records = []
     for pair in render_pairs(city, count, city_index=city_index):
         stem = f"{pair.index:0{digits}d}"
-        extension = IMAGE_FORMATS[image_format]
         surface_path = folders["surface"] / f"{stem}{extension}"
         overhead_path = folders["overhead"] / f"{stem}{extension}"
         for image_path, image in ((surface_path, pair.surface.image),

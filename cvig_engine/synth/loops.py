@@ -27,10 +27,17 @@ _COMPILE = dict(cache=True, nogil=True)
 
 
 @numba.njit(**_COMPILE)
-def _cell(x, y, half, resolution, size):
-    """Flat raster index of world point (x, y), clipped to the raster (as City.to_pixel)."""
+def _pixel(x, y, half, resolution, size):
+    """Raster (row, column) of world point (x, y), clipped to the raster (as City.to_pixel)."""
     column = min(max(int(math.floor((x + half) / resolution)), 0), size - 1)
     row = min(max(int(math.floor((half - y) / resolution)), 0), size - 1)
+    return row, column
+
+
+@numba.njit(**_COMPILE)
+def _cell(x, y, half, resolution, size):
+    """Flat raster index of world point (x, y), clipped to the raster."""
+    row, column = _pixel(x, y, half, resolution, size)
     return row * size + column
 
 
@@ -272,8 +279,7 @@ def plant_crowns(x, y, radii, heights, resolution, half, height, material, objec
     size = height.shape[0]
     for ident in range(x.shape[0]):
         radius = radii[ident]
-        row_centre = min(max(int(math.floor((half - y[ident]) / resolution)), 0), size - 1)
-        column_centre = min(max(int(math.floor((x[ident] + half) / resolution)), 0), size - 1)
+        row_centre, column_centre = _pixel(x[ident], y[ident], half, resolution, size)
         reach = int(math.ceil(radius / resolution)) + 1
         for row in range(max(row_centre - reach, 0), min(row_centre + reach + 1, size)):
             cell_y = half - (row + 0.5) * resolution
