@@ -4,7 +4,9 @@ argmax over the shifts and the crop-normalised distance, fused in one compiled (
 The GEMM form of the inverse DFT costs W * R / 2 multiply-adds per pair (3,040 at W = 64) and
 streams its [pairs, W] output through memory twice more for the maximum. A radix-2 FFT needs
 about 5 * W * log2(W) / 2 operations and keeps each chunk of pairs in cache: the spectral rows
-of 256 pairs are read once, the correlations never leave the core.
+of up to 1,024 pairs are read once, the correlations never leave the core. Every stage is a loop
+over the pairs of a chunk, so that each vectorises: the packing of the spectrum, the butterflies,
+a running first argmax, and the distances with their rank counts.
 
 Real IFFT of even length N = 2M through one complex IFFT of length M: with X the spectrum of
 the correlation x (X_f = P_f, Hermitian), e[n] = x[2n] and o[n] = x[2n + 1] have the M-point
@@ -21,9 +23,10 @@ import numpy as np
 
 __all__ = ["FftEpilogue", "TileRanks", "applies_to", "supports_width"]
 
-#: Pairs per chunk: a chunk's two [M, CHUNK] float32 arrays stay in L2 (64 KiB at W = 64);
-#: 256 measured fastest (128 and 1024 were ~25% slower).
-CHUNK = 256
+#: Floats in each of a chunk's two [M, pairs] arrays (real and imaginary parts): 128 KiB each,
+#: so both stay in L2; 1,024 pairs at W = 64. Long loops pay for the per-loop set-up of the ~200
+#: loops per chunk: 256 pairs per chunk was 10% slower, 64 pairs 30% slower.
+CHUNK_FLOATS = 32768
 
 
 def supports_width(width: int) -> bool:
@@ -130,28 +133,24 @@ def _tile_epilogue(products, count, tiles, rows, pack_cos, pack_sin, bit_reverse
     # their contiguity for LLVM and the loops stop vectorising.
     # One query row per parallel task: its rank count has a single writer.
     half = pack_cos.shape[0]
+    chunk = max(1, min(tiles, max(64, CHUNK_FLOATS // half)))
     per_shift = inverse_root.shape[1] > 1
     two = np.float32(2.0)
     scale = np.float32(1.0 / half)
     for query in numba.prange(count):
         d_true = true_distance[query]
         counted = 0
-        for first_tile in range(0, tiles, CHUNK):
+        real = np.empty((half, chunk), np.float32)
+        imag = np.empty((half, chunk), np.float32)
+        # Running maximum and its shift (float32: the selects stay in one SIMD width), in two
+        # rows used in turn: "best = max(best, x)" in place compiles to slow masked stores.
+        best = np.empty((2, chunk), np.float32)
+        best_shift = np.empty((2, chunk), np.float32)
+        root = np.empty(chunk, np.float32)
+        for first_tile in range(0, tiles, chunk):
             start = query * tiles + first_tile
-            size = min(CHUNK, tiles - first_tile)
-            real = np.empty((half, CHUNK), np.float32)
-            imag = np.empty((half, CHUNK), np.float32)
-            spectrum = np.empty((4, CHUNK), np.float32)  # Re X_k, Im X_k, Re X_{M-k}, Im X_{M-k}
-            for k in range(half // 2 + 1):
-                # X_k and X_{M-k} give both Z_k and Z_{M-k} (Z_k = E_k + i O_k): each spectral
-                # row is read once. Z goes to the bit-reversed place for the in-place FFT.
-                mirror = half - k
-                _spectrum(products, rows, k, start, size, spectrum, 0)
-                _spectrum(products, rows, mirror, start, size, spectrum, 2)
-                _pack(real, imag, spectrum, 0, 2, pack_cos[k], pack_sin[k], bit_reverse[k], size)
-                if 0 < k < mirror:  # Z_M does not exist; k = M/2 is its own mirror
-                    _pack(real, imag, spectrum, 2, 0, pack_cos[mirror], pack_sin[mirror],
-                          bit_reverse[mirror], size)
+            size = min(chunk, tiles - first_tile)
+            _pack(products, rows, start, size, pack_cos, pack_sin, bit_reverse, real, imag)
             length = 2
             while length <= half:
                 step = length // 2
@@ -168,73 +167,98 @@ def _tile_epilogue(products, count, tiles, rows, pack_cos, pack_sin, bit_reverse
                             real[a, p] += t_real
                             imag[a, p] += t_imag
                 length *= 2
-            # corr[2n] = Re z[n] / M and corr[2n + 1] = Im z[n] / M. The maximum (a pass that
-            # vectorises), then per pair a scan for the first o that reaches it, which stops
-            # early; select-based running argmaxes compile to slow masked stores here.
-            # (Two rows used in turn: "best = max(best, x)" in place becomes a masked store.)
-            running = np.empty((2, CHUNK), np.float32)
+            # corr[2n] = Re z[n] / M and corr[2n + 1] = Im z[n] / M; strict ">" keeps the
+            # first of equal maxima.
             for p in range(size):
-                running[0, p] = real[0, p]
+                best[0, p] = real[0, p]
+                best_shift[0, p] = 0.0
             for n in range(half):
-                source, target = running[n % 2], running[(n + 1) % 2]
+                source, target = n % 2, (n + 1) % 2
+                even, odd = np.float32(2 * n), np.float32(2 * n + 1)
                 for p in range(size):
-                    a, b, c = real[n, p], imag[n, p], source[p]
-                    larger = a if a > b else b
-                    target[p] = larger if larger > c else c
-            best = running[half % 2]
-            best_shift = np.empty(CHUNK, np.int64)
-            for p in range(size):
-                for n in range(half):
-                    if real[n, p] == best[p]:
-                        best_shift[p] = 2 * n
-                        break
-                    if imag[n, p] == best[p]:
-                        best_shift[p] = 2 * n + 1
-                        break
+                    x_even, x_odd, previous = real[n, p], imag[n, p], best[source, p]
+                    larger = x_even if x_even > previous else previous
+                    at = even if x_even > previous else best_shift[source, p]
+                    best[target, p] = x_odd if x_odd > larger else larger
+                    best_shift[target, p] = odd if x_odd > larger else at
+            last = half % 2
+            if per_shift:  # 1 / sqrt(E) at o*: a gather, kept out of the loop that vectorises
+                for p in range(size):
+                    root[p] = inverse_root[first_tile + p, np.int32(best_shift[last, p])]
+            else:
+                for p in range(size):
+                    root[p] = inverse_root[first_tile + p, 0]
             for p in range(size):
                 tile = first_tile + p
-                o = best_shift[p]
-                root = inverse_root[tile, o] if per_shift else inverse_root[tile, 0]
-                value = two - two * (best[p] * scale) * root
+                o = np.int32(best_shift[last, p])
+                value = two - two * (best[last, p] * scale) * root[p]
                 shift[query, tile] = o
-                if tile == true_column[query]:
-                    distance[query, tile] = d_true
-                    continue
                 distance[query, tile] = value
-                # d - d_true keeps its sign and is 0 only for equal values; NaN compares false.
-                difference = value - d_true
-                if band > 0 and abs(difference) <= band:
-                    near[query, tile] = True
-                elif difference < 0 or (pessimistic and difference == 0):
-                    counted += 1
+                is_near, against = _compare(value, d_true, band, pessimistic)
+                near[query, tile] = is_near
+                counted += np.int64(against)
+        column = true_column[query]
+        if column >= 0:  # the true pair takes d_true and is neither counted nor flagged
+            counted -= np.int64(_compare(distance[query, column], d_true, band, pessimistic)[1])
+            near[query, column] = False
+            distance[query, column] = d_true
         counts[query] += counted
 
 
 @numba.njit(inline="always", cache=True)
-def _pack(real, imag, spectrum, at, mirror_at, cos_k, sin_k, target, size):  # pragma: no cover
-    """Z_k = E_k + i O_k into row ``target`` from X_k (spectrum[at]) and X_{M-k} (at mirror_at)."""
-    point_five = np.float32(0.5)
-    for p in range(size):
-        x_real, x_imag = spectrum[at, p], spectrum[at + 1, p]
-        m_real, m_imag = spectrum[mirror_at, p], -spectrum[mirror_at + 1, p]
-        difference_real = point_five * (x_real - m_real)
-        difference_imag = point_five * (x_imag - m_imag)
-        odd_real = difference_real * cos_k - difference_imag * sin_k
-        odd_imag = difference_real * sin_k + difference_imag * cos_k
-        real[target, p] = point_five * (x_real + m_real) - odd_imag
-        imag[target, p] = point_five * (x_imag + m_imag) + odd_real
+def _compare(value, d_true, band, pessimistic):  # pragma: no cover - compiled
+    """(near, counts): within ``band`` of d_true (to recompute), or counted against the query.
+
+    d - d_true keeps its sign and is 0 only for equal values; NaN compares false.
+    """
+    difference = value - d_true
+    is_near = (band > 0) & (abs(difference) <= band)
+    against = ((difference < 0) | (pessimistic & (difference == 0))) > is_near  # and not near
+    return is_near, against
 
 
 @numba.njit(inline="always", cache=True)
-def _spectrum(products, rows, frequency, start, size, out, at):  # pragma: no cover - compiled
-    """out[at], out[at + 1] = Re, Im of P_f for ``size`` pairs, from its real or k1, k2, k3 rows."""
-    first, k2, k3 = rows[frequency, 0], rows[frequency, 1], rows[frequency, 2]
-    if k2 < 0:
+def _pack(products, rows, start, size, pack_cos, pack_sin, bit_reverse, real,
+          imag):  # pragma: no cover - compiled
+    """Z_k = E_k + i O_k for k < M into the bit-reversed rows of ``real``, ``imag``.
+
+    X_f is P_f: real rows for f = 0 and M, else k1, k2, k3 with X = (k1 - k3) + i (k1 + k2).
+    Each k with its mirror M - k reads the six rows of X_k and X_{M-k} once and writes Z_k and
+    Z_{M-k}, in one loop over the pairs.
+    """
+    half = pack_cos.shape[0]
+    point_five = np.float32(0.5)
+    dc, nyquist, target = rows[0, 0], rows[half, 0], bit_reverse[0]
+    for p in range(size):  # X_0 and X_M are real: Z_0 = (X_0 + X_M) / 2 + i (X_0 - X_M) / 2
+        x_dc, x_nyquist = products[dc, start + p], products[nyquist, start + p]
+        real[target, p] = point_five * (x_dc + x_nyquist)
+        imag[target, p] = point_five * (x_dc - x_nyquist)
+    for k in range(1, half // 2 + 1):
+        mirror = half - k
+        k1, k2, k3 = rows[k, 0], rows[k, 1], rows[k, 2]
+        m1, m2, m3 = rows[mirror, 0], rows[mirror, 1], rows[mirror, 2]
+        cos_k, sin_k, cos_m, sin_m = pack_cos[k], pack_sin[k], pack_cos[mirror], pack_sin[mirror]
+        target_k, target_m = bit_reverse[k], bit_reverse[mirror]
+        both = k < mirror  # k = M/2 is its own mirror
         for p in range(size):
-            out[at, p] = products[first, start + p]
-            out[at + 1, p] = 0.0
-        return
-    for p in range(size):
-        value = products[first, start + p]
-        out[at, p] = value - products[k3, start + p]
-        out[at + 1, p] = value + products[k2, start + p]
+            value = products[k1, start + p]
+            x_real = value - products[k3, start + p]
+            x_imag = value + products[k2, start + p]
+            value = products[m1, start + p]
+            y_real = value - products[m3, start + p]
+            y_imag = value + products[m2, start + p]
+            # With X = X_k, Y = X_{M-k}: S = (X + conj Y) / 2, D = (X - conj Y) / 2, and
+            # Z_k = S + i D e^{i theta_k}; Z_{M-k} uses conj S and -conj D.
+            sum_real = point_five * (x_real + y_real)
+            sum_imag = point_five * (x_imag - y_imag)
+            difference_real = point_five * (x_real - y_real)
+            difference_imag = point_five * (x_imag + y_imag)
+            odd_real = difference_real * cos_k - difference_imag * sin_k
+            odd_imag = difference_real * sin_k + difference_imag * cos_k
+            real[target_k, p] = sum_real - odd_imag
+            imag[target_k, p] = sum_imag + odd_real
+            if both:
+                odd_real = -difference_real * cos_m - difference_imag * sin_m
+                odd_imag = -difference_real * sin_m + difference_imag * cos_m
+                real[target_m, p] = sum_real - odd_imag
+                imag[target_m, p] = odd_real - sum_imag
