@@ -718,6 +718,22 @@ def preprocess_aerial(
     return polar_transform(tensor, int(config["polar_height"]), int(config["polar_width"]))
 
 
+def jitter_colours(tensor, strength: float, rng):
+    """A copy of an input with each RGB channel scaled by exp(N(0, s)) and shifted by N(0, s).
+
+    s is ``strength``. Applied to the ImageNet-normalised channels (so the scale changes contrast
+    and the shift brightness, in units of the channel's standard deviation); mask channels are
+    left as they are.
+    Training augmentation against each city's own palette.
+    """
+    gain = np.exp(rng.normal(0.0, strength, 3)).astype(np.float32)
+    shift = rng.normal(0.0, strength, 3).astype(np.float32)
+    out = tensor.clone()
+    for channel in range(3):
+        out[channel] = tensor[channel] * float(gain[channel]) + float(shift[channel])
+    return out
+
+
 # -- dataset -------------------------------------------------------------------------------------
 
 
@@ -734,6 +750,7 @@ class _PairDatasetImplementation:
         tile_offset_px: float = 0.0,
         aerial_crop: float = 1.0,
         cache_bytes: int = 0,
+        colour_jitter: float = 0.0,
     ):
         self.records = list(records)
         self.config = dict(config)
@@ -741,6 +758,9 @@ class _PairDatasetImplementation:
         self.seed = int(seed)
         self.tile_offset_px = float(tile_offset_px)
         self.aerial_crop = float(aerial_crop)
+        if colour_jitter < 0:
+            raise CvigInputError(f"colour jitter must be >= 0, got {colour_jitter}")
+        self.colour_jitter = float(colour_jitter)
         self.epoch = 0
         # In-memory cache of at most ``cache_bytes`` (training reads every pair once per epoch):
         # model inputs that draw nothing at random are kept as tensors, the others as decoded
@@ -813,6 +833,11 @@ class _PairDatasetImplementation:
                                   lambda: self._aerial(record, shift, keep=random_offsets))
         except CvigInputError as error:
             raise CvigInputError(f"{record.where()}: {error}") from None
+        if self.train and self.colour_jitter > 0:
+            # Its own stream, so that the crops and offsets stay those of a run without it.
+            jitter_rng = np.random.default_rng([self.seed, int(epoch), int(index), 1])
+            ground = jitter_colours(ground, self.colour_jitter, jitter_rng)
+            aerial = jitter_colours(aerial, self.colour_jitter, jitter_rng)
         heading = (record.heading + offset) % 360.0 if math.isfinite(record.heading) else math.nan
         return {"ground": ground, "aerial": aerial, "index": int(index), "heading": float(heading)}
 
@@ -875,7 +900,8 @@ def _pair_dataset_class():
         ``PairDataset(records, config, *, train, seed=0, tile_offset_px=0.0, aerial_crop=1.0)``:
         ``config`` is the model's config (fov, in_channels, sizes, mean/std). 360 deg panoramas
         are cropped to the model's fov at a random column; ``tile_offset_px`` shifts training
-        tiles by up to that many pixels; ``aerial_crop`` keeps the tiles' central fraction.
+        tiles by up to that many pixels; ``aerial_crop`` keeps the tiles' central fraction;
+        ``colour_jitter`` randomises each training view's colours (``jitter_colours``).
         """
 
     PairDataset.__module__ = __name__

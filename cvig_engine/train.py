@@ -69,6 +69,8 @@ class TrainOptions:
     #: "constant", or "cosine": the learning rate falls along a half cosine from ``learning_rate``
     #: to zero over ``epochs`` (per batch), which helps short runs settle.
     lr_schedule: str = "constant"
+    #: Strength of the random per-channel contrast and brightness of training views (0: none).
+    colour_jitter: float = 0.0
 
     def validate(self):
         if self.batch_size < 2:
@@ -89,6 +91,8 @@ class TrainOptions:
             raise CvigInputError(f"--lr-schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.tile_offset_px < 0:
             raise CvigInputError(f"--tile-offset must be >= 0, got {self.tile_offset_px}")
+        if self.colour_jitter < 0:
+            raise CvigInputError(f"--colour-jitter must be >= 0, got {self.colour_jitter}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -171,7 +175,8 @@ class _Trainer:
             len(records), options.validation_size, options.seed)
         self.dataset = PairDataset(records, self.model.config, train=True, seed=options.seed,
                                    tile_offset_px=options.tile_offset_px, aerial_crop=options.aerial_crop,
-                                   cache_bytes=int(options.cache_gb * 0.8e9))
+                                   cache_bytes=int(options.cache_gb * 0.8e9),
+                                   colour_jitter=options.colour_jitter)
         self.validation_dataset = PairDataset(records, self.model.config, train=False, seed=options.seed,
                                               aerial_crop=options.aerial_crop,
                                               cache_bytes=int(options.cache_gb * 0.2e9))
@@ -227,7 +232,9 @@ class _Trainer:
         metadata = document.get("metadata", {})
         if metadata.get("format") != RUN_STATE_FORMAT:
             raise CvigInputError(f"{last}: not a training state")
-        saved, current = _comparable(metadata["options"]), _comparable(asdict(self.options))
+        # Options added since a run was saved count as their defaults.
+        saved = _comparable({**asdict(TrainOptions()), **metadata["options"]})
+        current = _comparable(asdict(self.options))
         changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
         if changed:
             raise CvigInputError(f"{self.run_dir}: the run was started with different options "

@@ -387,3 +387,38 @@ def test_training_rolls_full_panoramas_to_random_headings(pairs):
         assert torch.equal(item["aerial"], fixed["aerial"])
         headings.add(item["heading"])
     assert len(headings) > 1
+
+
+@pytest.mark.parametrize("channels", [3, 5])
+def test_colour_jitter_is_a_seeded_per_channel_affine_map_of_the_plain_views(pairs, channels):
+    from cvig_engine.data import PairDataset, jitter_colours
+
+    config = _config(fov=90.0, in_channels=channels)
+    plain = PairDataset(pairs, config, train=True, seed=4, tile_offset_px=2.0)
+    jittered = PairDataset(pairs, config, train=True, seed=4, tile_offset_px=2.0, colour_jitter=0.3,
+                           cache_bytes=1 << 30)
+    for epoch in range(2):
+        for index in range(len(pairs)):
+            expected, found = plain.item(index, epoch=epoch), jittered.item(index, epoch=epoch)
+            # Drawn by hand from the documented stream: ground gains, ground shifts, then aerial.
+            rng = np.random.default_rng([4, epoch, index, 1])
+            for key in ("ground", "aerial"):
+                gain = np.exp(rng.normal(0.0, 0.3, 3))
+                shift = rng.normal(0.0, 0.3, 3)
+                for channel in range(3):
+                    plain_channel = expected[key][channel].double().numpy()
+                    reference = plain_channel * gain[channel] + shift[channel]
+                    np.testing.assert_allclose(found[key][channel].numpy(), reference, atol=1e-5)
+                # Masks keep their values; geometry (crop, offset, heading) is the plain one's.
+                assert torch.equal(found[key][3:], expected[key][3:])
+            np.testing.assert_equal(found["heading"], expected["heading"])  # NaN: no heading
+    # A new epoch draws new colours; the cached plain inputs are not modified.
+    assert not torch.equal(jittered.item(0, epoch=0)["ground"], jittered.item(0, epoch=1)["ground"])
+    assert torch.equal(jittered.item(0, epoch=0)["ground"], jittered.item(0, epoch=0)["ground"])
+    evaluation = PairDataset(pairs, config, train=False, seed=4, colour_jitter=0.3)
+    unjittered = PairDataset(pairs, config, train=False, seed=4)
+    assert torch.equal(evaluation[0]["ground"], unjittered[0]["ground"])
+    view = torch.ones(channels, 2, 2)
+    assert torch.equal(jitter_colours(view, 0.0, np.random.default_rng(0)), view)
+    with pytest.raises(CvigInputError, match="colour jitter"):
+        PairDataset(pairs, config, train=True, colour_jitter=-0.1)

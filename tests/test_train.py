@@ -44,7 +44,7 @@ def _train_process(csv, run_dir, epochs):
     command = [sys.executable, "-m", "cvig_engine.cli", "train", "--data", str(csv), "-o", str(run_dir),
                "--epochs", str(epochs), "--batch-size", "8", "--lr", "1e-3", "--validation-size", "8",
                "--seed", "1", "--device", "cpu", "--global-mining", "--tile-offset", "3",
-               "--lr-schedule", "cosine"]
+               "--lr-schedule", "cosine", "--colour-jitter", "0.2"]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -165,6 +165,8 @@ def test_cosine_schedule_falls_from_the_rate_to_zero_over_the_epochs():
         _options(lr_schedule="linear").validate()
     with pytest.raises(CvigInputError, match="cache-gb"):
         _options(cache_gb=-1.0).validate()
+    with pytest.raises(CvigInputError, match="colour-jitter"):
+        _options(colour_jitter=-0.1).validate()
 
 
 @pytest.mark.parametrize("channels", ["8,16,x,32", "8,16,32"])

@@ -29,6 +29,8 @@ import click
 @click.option("--init-from", type=click.Path(dir_okay=False), help="Initial weights from another checkpoint.")
 @click.option("--tile-offset", "tile_offset_px", type=float, default=0.0, show_default=True,
               help="Random tile offsets up to this many pixels (geotag-noise augmentation).")
+@click.option("--colour-jitter", type=float, default=0.0, show_default=True,
+              help="Random per-channel contrast and brightness of training views (std; 0: none).")
 @click.option("--aerial-crop", type=float, default=1.0, show_default=True,
               help="Use the central fraction of each tile (compare overhead extents).")
 @click.option("--no-orientation-search", "baseline", is_flag=True, help="Liu & Li style baseline.")
@@ -47,7 +49,8 @@ import click
               help="Memory for inputs kept between epochs (about 0.4 MB per synthetic pair); 0: none.")
 def train_command(data_csv, run_dir, backbone, fov, ground_width_rule, epochs, batch_size, learning_rate,
                   lr_schedule, alpha, validation_size, patience, min_delta, max_minutes, seed, cities, exclude_cities,
-                  global_mining, init_from, tile_offset_px, aerial_crop, baseline, vertical_search,
+                  global_mining, init_from, tile_offset_px, colour_jitter, aerial_crop, baseline,
+                  vertical_search,
                   image_scale, tiny_channels, in_channels, vgg_weights, device, skip_bad, cache_gb):
     """Train the twin model with the soft-margin triplet loss (resumable)."""
     import json
@@ -68,7 +71,8 @@ def train_command(data_csv, run_dir, backbone, fov, ground_width_rule, epochs, b
         orientation_search=not baseline, vertical_search=vertical_search, epochs=epochs,
         batch_size=batch_size, learning_rate=learning_rate, lr_schedule=lr_schedule, alpha=alpha, validation_size=validation_size,
         patience=patience, min_delta=min_delta, seed=seed, max_minutes=max_minutes, global_mining=global_mining,
-        init_from=init_from, tile_offset_px=tile_offset_px, aerial_crop=aerial_crop,
+        init_from=init_from, tile_offset_px=tile_offset_px, colour_jitter=colour_jitter,
+        aerial_crop=aerial_crop,
         vgg_weights=vgg_weights, device=device, skip_bad=skip_bad,
         image_scale=float(image_scale), cache_gb=cache_gb,
         tiny_channels=channels)
