@@ -177,3 +177,18 @@ def test_bad_tiny_channels_exit_2_without_traceback(small_world, tmp_path, chann
         capture_output=True, text=True)
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
     assert "channels" in completed.stderr
+
+
+def test_resume_refuses_changed_options_and_takes_new_options_as_their_defaults(small_world,
+                                                                                 tmp_path):
+    run = tmp_path / "run"
+    train(small_world / "train.csv", run, _options(epochs=1))
+    with pytest.raises(CvigInputError, match="colour_jitter"):
+        train(small_world / "train.csv", run, _options(epochs=2, colour_jitter=0.2))
+    # A run saved before an option existed: its absence reads as the option's default.
+    sidecar = run / "last.json"
+    document = json.loads(sidecar.read_text())
+    del document["metadata"]["options"]["colour_jitter"]
+    sidecar.write_text(json.dumps(document))
+    summary = train(small_world / "train.csv", run, _options(epochs=2))
+    assert summary["resumed"] and summary["epochs"] == 2
