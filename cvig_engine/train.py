@@ -29,9 +29,10 @@ from cvig_engine.model.checkpoint import read_checkpoint_document, read_state_di
 
 LOGGER = logging.getLogger(__name__)
 RUN_STATE_FORMAT = "cvig-train-state"
-# Options that may change when a run is resumed (how long and how it runs, not what it learns).
-_RESUMABLE_CHANGES = ("max_minutes", "epochs", "num_workers", "patience", "min_delta", "device", "skip_bad",
-                      "cache_gb")
+# Options that may change when a run is resumed (how long and how it runs, not what it learns);
+# "num_workers" is an option that older runs saved but that never did anything.
+_RESUMABLE_CHANGES = ("max_minutes", "epochs", "num_workers", "patience", "min_delta", "device",
+                      "skip_bad", "cache_gb")
 
 
 @dataclass
@@ -59,7 +60,6 @@ class TrainOptions:
     aerial_crop: float = 1.0
     vgg_weights: str | None = None
     device: str = "auto"
-    num_workers: int = 0
     skip_bad: bool = False
     tiny_channels: list = field(default_factory=lambda: [8, 16, 32, 64])
     image_scale: float = 1.0
