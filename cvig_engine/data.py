@@ -818,7 +818,8 @@ class _PairDatasetImplementation:
             rng = np.random.default_rng([self.seed, int(index)])
         try:
             # The crop of a panorama is random only in training (evaluation seeds it per pair).
-            fixed_crop = not self.train or abs(record.fov - float(self.config["fov"])) <= _FOV_TOLERANCE
+            fixed_crop = (not self.train
+                          or abs(record.fov - float(self.config["fov"])) <= _FOV_TOLERANCE)
             ground, offset = self._cached(("ground", index), fixed_crop,
                                           lambda: self._ground(record, rng, keep=not fixed_crop))
             if self.train and fixed_crop and float(self.config["fov"]) >= 360.0 - _FOV_TOLERANCE:

@@ -16,12 +16,14 @@ import click
 from cvig_engine.errors import CvigInputError
 
 BUNDLED_MODEL = "tiny_synth360.safetensors"
-# The bundled model was trained on cities of another seed, so the demo's city is never seen in training.
+# The bundled model was trained on cities of another seed, so the demo's city is never seen in
+# training.
 DEMO_SEED = 2026
 
 
 def bundled_checkpoint() -> Path:
-    """Path of the tiny model that ships inside the package (see ``cvig_engine/assets/README.md``)."""
+    """Path of the tiny model that ships inside the package (see
+    ``cvig_engine/assets/README.md``)."""
     path = Path(str(resources.files("cvig_engine") / "assets" / BUNDLED_MODEL))
     if not path.is_file():
         raise CvigInputError(f"the bundled model {path} is missing from this installation")
@@ -33,8 +35,9 @@ def _announce(step: int, total: int, command: list[str]) -> float:
     return time.perf_counter()
 
 
-def run_demo(out_dir="cvig-demo", *, pairs: int = 400, seed: int = DEMO_SEED, tile_size: int = 256,
-             pano_height: int = 128, pano_width: int = 512, checkpoint=None, progress: bool = True) -> dict:
+def run_demo(out_dir="cvig-demo", *, pairs: int = 400, seed: int = DEMO_SEED,
+             tile_size: int = 256, pano_height: int = 128, pano_width: int = 512, checkpoint=None,
+             progress: bool = True) -> dict:
     """Run the whole pipeline on a synthetic held-out city; return the evaluation report.
 
     Args:
@@ -74,10 +77,12 @@ def run_demo(out_dir="cvig-demo", *, pairs: int = 400, seed: int = DEMO_SEED, ti
                                "-o", str(features), "--backend", "onnxruntime"])
     if features.exists():
         features.unlink()  # the city was just re-rendered: its old features no longer apply
-    embed_dataset(model_dir, data_dir / "test.csv", features, backend="onnxruntime", progress=progress)
+    embed_dataset(model_dir, data_dir / "test.csv", features, backend="onnxruntime",
+                  progress=progress)
     timings["embed"] = time.perf_counter() - started
 
-    started = _announce(4, 5, ["score", "--features", str(features), "-o", str(scores), "--overwrite"])
+    started = _announce(4, 5, ["score", "--features", str(features), "-o", str(scores),
+                               "--overwrite"])
     score_feature_store(features, scores, overwrite=True, progress=progress)
     timings["score"] = time.perf_counter() - started
 
@@ -86,7 +91,8 @@ def run_demo(out_dir="cvig-demo", *, pairs: int = 400, seed: int = DEMO_SEED, ti
     timings["evaluate"] = time.perf_counter() - started
 
     click.echo(summary_text(report))
-    click.echo("stage seconds: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in timings.items()))
+    click.echo("stage seconds: "
+               + ", ".join(f"{name} {seconds:.1f}" for name, seconds in timings.items()))
     click.echo(f"report: {out_dir / 'report.md'} (plots: recall_at_k.png, rank_cdf.png)")
     report["demo_timings_seconds"] = timings
     return report

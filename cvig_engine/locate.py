@@ -17,7 +17,8 @@ from cvig_engine.errors import CvigInputError
 def _encode_photos(backend, photos, config, photo_fov):
     from cvig_engine.data import load_image, preprocess_ground
 
-    batch = [preprocess_ground(load_image(path), config, image_fov_deg=photo_fov).numpy() for path in photos]
+    batch = [preprocess_ground(load_image(path), config, image_fov_deg=photo_fov).numpy()
+             for path in photos]
     return backend.encode_ground(np.stack(batch)).astype(np.float32)
 
 
@@ -61,7 +62,8 @@ def locate_photos(photos, tiles, model_dir, *, topk: int = 10, backend: str = "a
             [str(row) for row in range(store.num_aerial)]
         aerial_lat, aerial_lon = (_coordinates(store.optional(name), store.num_aerial)
                                   for name in ("aerial/lat", "aerial/lon"))
-        attributes = {key: store.attributes[key] for key in ("model_sha256", "model_config", "fov_deg")
+        attributes = {key: store.attributes[key]
+                      for key in ("model_sha256", "model_config", "fov_deg")
                       if key in store.attributes}
     engine = open_backend(model_dir, backend=backend, device=device)
     try:
@@ -88,7 +90,8 @@ def locate_photos(photos, tiles, model_dir, *, topk: int = 10, backend: str = "a
     result = {"model_sha256": manifest["model_sha256"], "tiles": str(tiles), "photos": []}
     for row, photo in enumerate(photos):
         candidates = []
-        for rank, (tile, tile_distance, tile_shift) in enumerate(zip(index[row], distance[row], shift[row]), 1):
+        for rank, (tile, tile_distance, tile_shift) in enumerate(
+                zip(index[row], distance[row], shift[row]), 1):
             if tile < 0:
                 continue
             candidates.append({
@@ -113,7 +116,8 @@ def _number(value):
 
 
 def plot_candidates(result: dict, gallery_lat, gallery_lon, path) -> Path:
-    """Scatter plot: the gallery in grey, each photo's candidates coloured by distance, best starred."""
+    """Scatter plot: the gallery in grey, each photo's candidates coloured by distance, best
+    starred."""
     import matplotlib
 
     matplotlib.use("Agg")

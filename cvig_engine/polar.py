@@ -28,13 +28,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["polar_transform", "polar_sampling_grid", "polar_sample_points", "heading_to_shift", "shift_to_heading"]
+__all__ = ["polar_transform", "polar_sampling_grid", "polar_sample_points", "heading_to_shift",
+           "shift_to_heading"]
 
 _GRID_CACHE: dict[tuple, np.ndarray] = {}
 
 
-def polar_sample_points(size: int, height: int = 128, width: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Rows and columns (float64 pixel indices, shape [height, width]) that the polar image samples."""
+def polar_sample_points(size: int, height: int = 128,
+                        width: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns (float64 pixel indices, shape [height, width]) that the polar image
+    samples."""
     i = np.arange(height, dtype=np.float64)[:, None]
     j = np.arange(width, dtype=np.float64)[None, :]
     radius = (size / 2.0) * (height - 1 - i) / height
@@ -71,7 +74,8 @@ def polar_transform(aerial: torch.Tensor, height: int = 128, width: int = 512) -
     if squeeze:
         aerial = aerial.unsqueeze(0)
     if aerial.dim() != 4 or aerial.shape[-1] != aerial.shape[-2]:
-        raise ValueError(f"polar_transform expects [B, C, S, S] square tiles, got {tuple(aerial.shape)}")
+        raise ValueError("polar_transform expects [B, C, S, S] square tiles, "
+                         f"got {tuple(aerial.shape)}")
     size = aerial.shape[-1]
     grid = polar_sampling_grid(size, height, width).to(device=aerial.device, dtype=aerial.dtype)
     grid = grid.expand(aerial.shape[0], -1, -1, -1)
@@ -89,5 +93,6 @@ def heading_to_shift(heading_deg, fov_deg: float, width: int = 64):
 
 def shift_to_heading(shift, fov_deg: float, width: int = 64):
     """Compass heading (degrees, [0, 360)) of a photo's centre for orientation bin ``shift``."""
-    heading = np.mod(180.0 + np.asarray(shift, dtype=np.float64) * 360.0 / width + fov_deg / 2.0, 360.0)
+    heading = np.mod(180.0 + np.asarray(shift, dtype=np.float64) * 360.0 / width + fov_deg / 2.0,
+                     360.0)
     return heading if heading.ndim else float(heading)

@@ -74,13 +74,15 @@ class TrainOptions:
 
     def validate(self):
         if self.batch_size < 2:
-            raise CvigInputError(f"--batch-size must be at least 2 (the triplet loss needs negatives), got {self.batch_size}")
+            raise CvigInputError("--batch-size must be at least 2 (the triplet loss needs "
+                                 f"negatives), got {self.batch_size}")
         if self.epochs < 1:
             raise CvigInputError(f"--epochs must be positive, got {self.epochs}")
         if self.learning_rate <= 0:
             raise CvigInputError(f"--lr must be positive, got {self.learning_rate}")
         if self.validation_size < 2:
-            raise CvigInputError(f"--validation-size must be at least 2, got {self.validation_size}")
+            raise CvigInputError("--validation-size must be at least 2, "
+                                 f"got {self.validation_size}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise CvigInputError(f"--max-minutes must be positive, got {self.max_minutes}")
         if not 0.0 < self.aerial_crop <= 1.0:
@@ -88,7 +90,8 @@ class TrainOptions:
         if self.cache_gb < 0:
             raise CvigInputError(f"--cache-gb must be >= 0, got {self.cache_gb}")
         if self.lr_schedule not in ("constant", "cosine"):
-            raise CvigInputError(f"--lr-schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+            raise CvigInputError("--lr-schedule must be 'constant' or 'cosine', "
+                                 f"got {self.lr_schedule!r}")
         if self.tile_offset_px < 0:
             raise CvigInputError(f"--tile-offset must be >= 0, got {self.tile_offset_px}")
         if self.colour_jitter < 0:
@@ -107,8 +110,8 @@ def resolve_device(device: str) -> torch.device:
 def split_validation(num_records: int, validation_size: int, seed: int):
     """Seeded hold-out: (train indices, validation indices)."""
     if validation_size >= num_records:
-        raise CvigInputError(f"the validation hold-out ({validation_size}) must be smaller than the "
-                             f"dataset ({num_records} pairs): lower --validation-size")
+        raise CvigInputError(f"the validation hold-out ({validation_size}) must be smaller than "
+                             f"the dataset ({num_records} pairs): lower --validation-size")
     order = np.random.default_rng([seed, 7919]).permutation(num_records)
     return np.sort(order[validation_size:]), np.sort(order[:validation_size])
 
@@ -174,10 +177,12 @@ class _Trainer:
         self.train_indices, self.validation_indices = split_validation(
             len(records), options.validation_size, options.seed)
         self.dataset = PairDataset(records, self.model.config, train=True, seed=options.seed,
-                                   tile_offset_px=options.tile_offset_px, aerial_crop=options.aerial_crop,
+                                   tile_offset_px=options.tile_offset_px,
+                                   aerial_crop=options.aerial_crop,
                                    cache_bytes=int(options.cache_gb * 0.8e9),
                                    colour_jitter=options.colour_jitter)
-        self.validation_dataset = PairDataset(records, self.model.config, train=False, seed=options.seed,
+        self.validation_dataset = PairDataset(records, self.model.config, train=False,
+                                              seed=options.seed,
                                               aerial_crop=options.aerial_crop,
                                               cache_bytes=int(options.cache_gb * 0.2e9))
         parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -186,7 +191,8 @@ class _Trainer:
         self.best_loss = math.inf
         self.best_epoch = -1
         self.epochs_without_improvement = 0
-        descriptor_size = self.model.config["ground_feature_shape"][0] * self.model.config["ground_feature_shape"][1]
+        descriptor_size = (self.model.config["ground_feature_shape"][0]
+                           * self.model.config["ground_feature_shape"][1])
         self.ground_bank = torch.zeros(len(records), descriptor_size)
         self.aerial_bank = torch.zeros(len(records), descriptor_size)
         self.seen = torch.zeros(len(records), dtype=torch.bool)
@@ -198,7 +204,8 @@ class _Trainer:
         own = self.model.state_dict()
         loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         if not loaded:
-            raise CvigInputError(f"{path}: no weights fit this model (config {document['config']['backbone']})")
+            raise CvigInputError(f"{path}: no weights fit this model "
+                                 f"(config {document['config']['backbone']})")
         self.model.load_state_dict(loaded, strict=False)
         LOGGER.info("initialised %d of %d tensors from %s", len(loaded), len(own), path)
 
@@ -235,7 +242,8 @@ class _Trainer:
         # Options added since a run was saved count as their defaults.
         saved = _comparable({**asdict(TrainOptions()), **metadata["options"]})
         current = _comparable(asdict(self.options))
-        changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+        changed = sorted(key for key in set(saved) | set(current)
+                         if saved.get(key) != current.get(key))
         if changed:
             raise CvigInputError(f"{self.run_dir}: the run was started with different options "
                                  f"({', '.join(changed)}); use a new run directory")
@@ -285,7 +293,8 @@ class _Trainer:
             return batch
         half = max(len(batch) // 2, 1)
         anchors = batch[:half]
-        neighbours = mine_neighbours(anchors, self.ground_bank, self.aerial_bank, self.seen, exclude=anchors)
+        neighbours = mine_neighbours(anchors, self.ground_bank, self.aerial_bank, self.seen,
+                                     exclude=anchors)
         chosen = set(neighbours) | set(anchors.tolist())
         rest = [i for i in batch[half:] if i not in chosen]
         return np.array(list(anchors) + neighbours + rest)[: len(batch)]
@@ -294,7 +303,8 @@ class _Trainer:
         """The schedule's rate for batch ``step`` of the current epoch (a function of the two)."""
         rate = self.options.learning_rate
         if self.options.lr_schedule == "cosine":
-            progress = (self.epoch * steps_per_epoch + step) / (self.options.epochs * steps_per_epoch)
+            progress = ((self.epoch * steps_per_epoch + step)
+                        / (self.options.epochs * steps_per_epoch))
             rate *= 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
         for group in self.optimizer.param_groups:
             group["lr"] = rate
@@ -302,11 +312,13 @@ class _Trainer:
     def train_epoch(self, deadline):
         self.model.train()
         torch.manual_seed(self.options.seed * 100003 + self.epoch)
-        batches = epoch_batches(self.train_indices, self.options.batch_size, self.options.seed, self.epoch)
+        batches = epoch_batches(self.train_indices, self.options.batch_size, self.options.seed,
+                                self.epoch)
         losses = []
         from tqdm import tqdm
 
-        progress = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch", disable=None, leave=False)
+        progress = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch", disable=None,
+                        leave=False)
         for step, batch in enumerate(progress):
             self._set_learning_rate(step, len(batches))
             batch = self._with_mining(batch)
@@ -347,7 +359,8 @@ class _Trainer:
             stop = min(start + self.options.batch_size, len(indices))
             if stop - start < 2:
                 continue
-            distance, _ = orientation_distance(ground_features[start:stop], aerial_features[start:stop])
+            distance, _ = orientation_distance(ground_features[start:stop],
+                                               aerial_features[start:stop])
             losses.append(triplet_loss(distance, alpha=self.options.alpha).item())
         ranks = []
         for start in range(0, len(indices), 256):
@@ -359,8 +372,8 @@ class _Trainer:
         return float(np.mean(losses)), top1_percent, float(np.mean(ranks == 1) * 100)
 
 
-def train(data_csv, run_dir, options: TrainOptions | None = None, *, cities=None, exclude_cities=None,
-          progress_callback=None) -> dict:
+def train(data_csv, run_dir, options: TrainOptions | None = None, *, cities=None,
+          exclude_cities=None, progress_callback=None) -> dict:
     """Train a model on a dataset CSV (WITW or CVUSA layout) into ``run_dir``; resume if possible.
 
     Returns a summary dict (epochs run, best validation loss and top-1 %, stop reason).
@@ -382,7 +395,8 @@ def train(data_csv, run_dir, options: TrainOptions | None = None, *, cities=None
     if bad:
         with open(run_dir / "skipped.jsonl", "a") as handle:
             for record, reason in bad:
-                handle.write(json.dumps({"csv": str(record.csv_path), "row": record.row, "reason": reason}) + "\n")
+                handle.write(json.dumps({"csv": str(record.csv_path), "row": record.row,
+                                         "reason": reason}) + "\n")
         LOGGER.warning("skipped %d bad pairs (listed in %s)", len(bad), run_dir / "skipped.jsonl")
     trainer = _Trainer(records, run_dir, options)
     resumed = trainer.load_state()
@@ -410,7 +424,8 @@ def train(data_csv, run_dir, options: TrainOptions | None = None, *, cities=None
                 "train_csv": str(data_csv)})
         else:
             trainer.epochs_without_improvement += 1
-        record = {"epoch": trainer.epoch, "train_loss": train_loss, "validation_loss": validation_loss,
+        record = {"epoch": trainer.epoch, "train_loss": train_loss,
+                  "validation_loss": validation_loss,
                   "validation_top1pct": top1_percent, "validation_top1": top1, "improved": improved,
                   "seconds": time.monotonic() - epoch_start}
         with open(metrics_path, "a") as handle:
@@ -427,8 +442,9 @@ def train(data_csv, run_dir, options: TrainOptions | None = None, *, cities=None
     else:
         stop_reason = "epochs"
     return {"run_dir": str(run_dir), "epochs": trainer.epoch, "best_epoch": trainer.best_epoch,
-            "best_validation_loss": trainer.best_loss, "stop_reason": stop_reason, "resumed": resumed,
-            "train_pairs": len(trainer.train_indices), "validation_pairs": len(trainer.validation_indices),
+            "best_validation_loss": trainer.best_loss, "stop_reason": stop_reason,
+            "resumed": resumed, "train_pairs": len(trainer.train_indices),
+            "validation_pairs": len(trainer.validation_indices),
             "skipped": len(bad), "device": str(trainer.device)}
 
 

@@ -42,4 +42,5 @@ def main():
 
 
 for _module_name, _attribute in COMMAND_MODULES:
-    main.add_command(getattr(importlib.import_module(f"cvig_engine.cli.{_module_name}"), _attribute))
+    main.add_command(getattr(importlib.import_module(f"cvig_engine.cli.{_module_name}"),
+                             _attribute))

@@ -1,4 +1,5 @@
-"""`cvig-engine locate`: top-K candidate tiles (lat/lon, distance, compass heading) for new photos."""
+"""`cvig-engine locate`: top-K candidate tiles (lat/lon, distance, compass heading) for new
+photos."""
 import click
 
 
@@ -9,10 +10,13 @@ import click
 @click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
               help="The exported model (cvig-engine export) that made --tiles.")
 @click.option("--topk", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--backend", default="auto", show_default=True, help="auto, torch, onnxruntime or tensorrt.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--backend", default="auto", show_default=True,
+              help="auto, torch, onnxruntime or tensorrt.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
 @click.option("--photo-fov", type=float, default=None,
-              help="The photos' field of view in degrees (default: the model's; 360 crops panoramas).")
+              help="The photos' field of view in degrees (default: the model's; "
+                   "360 crops panoramas).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Also write a scatter plot of the candidates on lat/lon axes (PNG).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,

@@ -8,8 +8,10 @@ import click
 @click.option("-o", "--output", "run_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory (resumed if it holds a previous run's state).")
 @click.option("--backbone", type=click.Choice(["tiny", "vgg16"]), default="tiny", show_default=True)
-@click.option("--fov", type=float, default=360.0, show_default=True, help="Ground field of view (deg).")
-@click.option("--ground-width-rule", type=click.Choice(["witw", "dsm"]), default="witw", show_default=True,
+@click.option("--fov", type=float, default=360.0, show_default=True,
+              help="Ground field of view (deg).")
+@click.option("--ground-width-rule", type=click.Choice(["witw", "dsm"]), default="witw",
+              show_default=True,
               help="Rounding of the ground feature width (70 deg: witw 12, dsm 13).")
 @click.option("--epochs", type=int, default=100, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
@@ -18,15 +20,19 @@ import click
               show_default=True, help="cosine: fall to zero over --epochs (per batch).")
 @click.option("--alpha", type=float, default=10.0, show_default=True, help="Triplet loss weight.")
 @click.option("--validation-size", type=int, default=1000, show_default=True)
-@click.option("--patience", type=int, default=5, show_default=True, help="Epochs without improvement before stopping.")
+@click.option("--patience", type=int, default=5, show_default=True,
+              help="Epochs without improvement before stopping.")
 @click.option("--min-delta", type=float, default=0.0, show_default=True,
               help="Smallest validation-loss decrease that counts as an improvement.")
 @click.option("--max-minutes", type=float, default=None, help="Stop after this much wall time.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--city", "cities", multiple=True, help="Train only on these cities (repeatable).")
-@click.option("--exclude-city", "exclude_cities", multiple=True, help="Leave these cities out (repeatable).")
-@click.option("--global-mining", is_flag=True, help="Second half of each batch: nearest neighbours of the first.")
-@click.option("--init-from", type=click.Path(dir_okay=False), help="Initial weights from another checkpoint.")
+@click.option("--exclude-city", "exclude_cities", multiple=True,
+              help="Leave these cities out (repeatable).")
+@click.option("--global-mining", is_flag=True,
+              help="Second half of each batch: nearest neighbours of the first.")
+@click.option("--init-from", type=click.Path(dir_okay=False),
+              help="Initial weights from another checkpoint.")
 @click.option("--tile-offset", "tile_offset_px", type=float, default=0.0, show_default=True,
               help="Random tile offsets up to this many pixels (geotag-noise augmentation).")
 @click.option("--colour-jitter", type=float, default=0.0, show_default=True,
@@ -34,7 +40,8 @@ import click
 @click.option("--aerial-crop", type=float, default=1.0, show_default=True,
               help="Use the central fraction of each tile (compare overhead extents).")
 @click.option("--no-orientation-search", "baseline", is_flag=True, help="Liu & Li style baseline.")
-@click.option("--vertical-search", is_flag=True, help="Taller aerial map, vertical + horizontal search.")
+@click.option("--vertical-search", is_flag=True,
+              help="Taller aerial map, vertical + horizontal search.")
 @click.option("--image-scale", type=click.Choice(["1", "0.5"]), default="1", show_default=True,
               help="0.5 halves every input image (tiny backbone; 4x less compute).")
 @click.option("--tiny-channels", default="8,16,32,64", show_default=True,
@@ -43,12 +50,16 @@ import click
               help="5 adds the building and road masks listed in the CSV.")
 @click.option("--vgg-weights", type=click.Path(dir_okay=False), envvar="CVIG_VGG16_WEIGHTS",
               help="Local torchvision VGG16 state dict (never downloaded).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--skip-bad", is_flag=True, help="Log and skip unreadable images instead of stopping.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+@click.option("--skip-bad", is_flag=True,
+              help="Log and skip unreadable images instead of stopping.")
 @click.option("--cache-gb", type=float, default=4.0, show_default=True,
-              help="Memory for inputs kept between epochs (about 0.4 MB per synthetic pair); 0: none.")
-def train_command(data_csv, run_dir, backbone, fov, ground_width_rule, epochs, batch_size, learning_rate,
-                  lr_schedule, alpha, validation_size, patience, min_delta, max_minutes, seed, cities, exclude_cities,
+              help="Memory for inputs kept between epochs (about 0.4 MB per synthetic pair); "
+                   "0: none.")
+def train_command(data_csv, run_dir, backbone, fov, ground_width_rule, epochs, batch_size,
+                  learning_rate, lr_schedule, alpha, validation_size, patience, min_delta,
+                  max_minutes, seed, cities, exclude_cities,
                   global_mining, init_from, tile_offset_px, colour_jitter, aerial_crop, baseline,
                   vertical_search,
                   image_scale, tiny_channels, in_channels, vgg_weights, device, skip_bad, cache_gb):
@@ -67,14 +78,18 @@ def train_command(data_csv, run_dir, backbone, fov, ground_width_rule, epochs, b
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = TrainOptions(
-        backbone=backbone, fov=fov, ground_width_rule=ground_width_rule, in_channels=int(in_channels),
+        backbone=backbone, fov=fov, ground_width_rule=ground_width_rule,
+        in_channels=int(in_channels),
         orientation_search=not baseline, vertical_search=vertical_search, epochs=epochs,
-        batch_size=batch_size, learning_rate=learning_rate, lr_schedule=lr_schedule, alpha=alpha, validation_size=validation_size,
-        patience=patience, min_delta=min_delta, seed=seed, max_minutes=max_minutes, global_mining=global_mining,
+        batch_size=batch_size, learning_rate=learning_rate, lr_schedule=lr_schedule, alpha=alpha,
+        validation_size=validation_size,
+        patience=patience, min_delta=min_delta, seed=seed, max_minutes=max_minutes,
+        global_mining=global_mining,
         init_from=init_from, tile_offset_px=tile_offset_px, colour_jitter=colour_jitter,
         aerial_crop=aerial_crop,
         vgg_weights=vgg_weights, device=device, skip_bad=skip_bad,
         image_scale=float(image_scale), cache_gb=cache_gb,
         tiny_channels=channels)
-    summary = train(data_csv, run_dir, options, cities=cities or None, exclude_cities=exclude_cities or None)
+    summary = train(data_csv, run_dir, options, cities=cities or None,
+                    exclude_cities=exclude_cities or None)
     click.echo(json.dumps(summary, indent=2))

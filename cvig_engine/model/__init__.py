@@ -4,5 +4,6 @@ from cvig_engine.model.distance import normalize_ground, orientation_distance, w
 from cvig_engine.model.encoders import TwinModel, build_model, ground_feature_width, model_config
 from cvig_engine.model.loss import triplet_loss
 
-__all__ = ["TwinModel", "build_model", "model_config", "ground_feature_width", "orientation_distance",
-           "normalize_ground", "window_energy", "triplet_loss", "save_checkpoint", "load_checkpoint"]
+__all__ = ["TwinModel", "build_model", "model_config", "ground_feature_width",
+           "orientation_distance", "normalize_ground", "window_energy", "triplet_loss",
+           "save_checkpoint", "load_checkpoint"]

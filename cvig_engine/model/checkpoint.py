@@ -1,7 +1,7 @@
 """Checkpoints: safetensors weights plus a JSON config. Nothing is ever unpickled unsafely.
 
-``save_checkpoint(model, "run/best.safetensors")`` writes ``run/best.safetensors`` (the weights, with
-the config also embedded in the safetensors metadata so a lone file still loads) and
+``save_checkpoint(model, "run/best.safetensors")`` writes ``run/best.safetensors`` (the weights,
+with the config also embedded in the safetensors metadata so a lone file still loads) and
 ``run/best.json`` (the config and any extra metadata, for people and tools to read).
 """
 from __future__ import annotations
@@ -32,7 +32,8 @@ def save_checkpoint(model, path, metadata: dict | None = None) -> Path:
     if path.suffix != ".safetensors":
         raise CvigInputError(f"{path}: checkpoints are saved as .safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    state = {name: tensor.detach().cpu().contiguous()
+             for name, tensor in model.state_dict().items()}
     document = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
                 "config": model.config, "metadata": metadata or {}}
     temporary = path.with_suffix(".safetensors.tmp")
@@ -45,7 +46,8 @@ def save_checkpoint(model, path, metadata: dict | None = None) -> Path:
 
 
 def read_checkpoint_document(path) -> dict:
-    """The checkpoint's JSON document (format, config, metadata), from the sidecar or the weights."""
+    """The checkpoint's JSON document (format, config, metadata), from the sidecar or the
+    weights."""
     path = Path(path)
     sidecar = sidecar_path(path)
     if sidecar.exists() and sidecar != path:
@@ -57,8 +59,10 @@ def read_checkpoint_document(path) -> dict:
         document = json.loads(_safetensors_metadata(path).get(_METADATA_KEY, "null"))
     else:
         raise CvigInputError(f"{path}: no config found (expected {sidecar})")
-    if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT or "config" not in document:
-        raise CvigInputError(f"{path}: not a cvig-engine checkpoint (no '{CHECKPOINT_FORMAT}' config)")
+    if (not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT
+            or "config" not in document):
+        raise CvigInputError(f"{path}: not a cvig-engine checkpoint "
+                             f"(no '{CHECKPOINT_FORMAT}' config)")
     return document
 
 
@@ -84,7 +88,8 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def read_state_dict(path: Path, map_location="cpu") -> dict:
-    """A flat name -> tensor dict from a .safetensors file, or a .pth read with weights_only=True."""
+    """A flat name -> tensor dict from a .safetensors file, or a .pth read with
+    weights_only=True."""
     path = Path(path)
     if not path.is_file():
         raise CvigInputError(f"{path}: weights file not found")
@@ -101,12 +106,14 @@ def read_state_dict(path: Path, map_location="cpu") -> dict:
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as error:
         raise CvigInputError(
             f"{path}: refused: this file needs unpickling arbitrary objects, which could run code. "
-            f"Convert it to a plain state dict or safetensors in a trusted environment. ({error})") from None
+            "Convert it to a plain state dict or safetensors in a trusted environment. "
+            f"({error})") from None
     except (EOFError, OSError, ValueError) as error:
         raise CvigInputError(f"{path}: not a readable weights file ({error})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor)
+                                              for value in state.values()):
         raise CvigInputError(f"{path}: not a state dict of tensors")
     return state
 

@@ -30,10 +30,11 @@ def window_energy(aerial: torch.Tensor, height: int, width: int) -> torch.Tensor
 def orientation_distance(ground: torch.Tensor, aerial: torch.Tensor, return_vertical: bool = False):
     """DSM distance with orientation search, for every (ground, aerial) pair.
 
-    g is the ground map L2-normalised over (C, H, Wg); corr[o] = sum aerial[c, h, (o+k) mod W] g[c, h, k]
-    over the raw aerial map; the shift is the first argmax of corr; the distance is
+    g is the ground map L2-normalised over (C, H, Wg); corr[o] = sum aerial[c, h, (o+k) mod W]
+    g[c, h, k] over the raw aerial map; the shift is the first argmax of corr; the distance is
     2 - 2 <crop / |crop|, g> for the aerial window (crop) at that shift, computed in closed form as
-    2 - 2 corr[o*] / sqrt(E[o*]) with E the window energy. Differentiable (through the chosen shift).
+    2 - 2 corr[o*] / sqrt(E[o*]) with E the window energy. Differentiable (through the chosen
+    shift).
 
     Where the aerial map is taller than the ground map (vertical search) the window also slides
     vertically (non-circularly); the first argmax is taken over (vertical, horizontal) with the
@@ -47,7 +48,8 @@ def orientation_distance(ground: torch.Tensor, aerial: torch.Tensor, return_vert
         ``(distance [Ng, Na], shift [Ng, Na] int64)``, plus ``vertical [Ng, Na]`` if asked.
     """
     if ground.dim() != 4 or aerial.dim() != 4:
-        raise ValueError(f"expected 4-D maps, got ground {tuple(ground.shape)} and aerial {tuple(aerial.shape)}")
+        raise ValueError(f"expected 4-D maps, got ground {tuple(ground.shape)} "
+                         f"and aerial {tuple(aerial.shape)}")
     _, channels, ground_height, ground_width = ground.shape
     _, aerial_channels, aerial_height, aerial_width = aerial.shape
     if channels != aerial_channels:

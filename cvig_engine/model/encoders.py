@@ -65,7 +65,8 @@ class Encoder(nn.Module):
         dropout_last: the last this many backbone convolutions get Dropout2d(0.2) after their ReLU.
         head_strides: strides of the first two head convolutions.
         feature_channels: channels of the output map (16).
-        global_descriptor: pool the map to one descriptor [B, D, 1, 1] (the no-orientation baseline).
+        global_descriptor: pool the map to one descriptor [B, D, 1, 1] (the no-orientation
+            baseline).
     """
 
     def __init__(self, layout, in_channels=3, circular_width=False, ceil_pools=False,
@@ -89,10 +90,13 @@ class Encoder(nn.Module):
         # Dropout after the ReLU of each of the last `dropout_last` backbone convolutions.
         self._dropout_after = set(conv_positions[len(conv_positions) - dropout_last:])
         self.dropout = nn.Dropout2d(0.2)
-        head_channels = [channels, max(channels // 2, feature_channels), max(channels // 8, feature_channels)]
+        head_channels = [channels, max(channels // 2, feature_channels),
+                         max(channels // 8, feature_channels)]
         self.head = nn.ModuleList([
-            PaddedConv2d(head_channels[0], head_channels[1], stride=head_strides[0], circular_width=circular_width),
-            PaddedConv2d(head_channels[1], head_channels[2], stride=head_strides[1], circular_width=circular_width),
+            PaddedConv2d(head_channels[0], head_channels[1], stride=head_strides[0],
+                         circular_width=circular_width),
+            PaddedConv2d(head_channels[1], head_channels[2], stride=head_strides[1],
+                         circular_width=circular_width),
             PaddedConv2d(head_channels[2], feature_channels, circular_width=circular_width),
         ])
         self.global_descriptor = global_descriptor
@@ -135,7 +139,8 @@ class TwinModel(nn.Module):
             batch_norm=config.get("batch_norm", False),
         )
         self.ground_encoder = Encoder(circular_width=False, **common)
-        # Vertical search: the aerial map keeps twice the height so the ground map can slide up/down.
+        # Vertical search: the aerial map keeps twice the height so the ground map can slide
+        # up/down.
         aerial_strides = ((2, 1), (1, 1)) if config["vertical_search"] else ((2, 1), (2, 1))
         self.aerial_encoder = Encoder(circular_width=True, head_strides=aerial_strides, **common)
         self.set_trainable(config["trainable_convolutions"])
@@ -179,30 +184,36 @@ def model_config(backbone="vgg16", fov=360.0, in_channels=3, ground_width_rule="
         raise CvigInputError(f"image_scale must be 1 or 0.5, got {image_scale}")
     if image_scale != 1.0:
         if backbone != "tiny":
-            raise CvigInputError("half-size inputs (image_scale 0.5) exist for the tiny backbone only")
-        aerial_size, ground_height = int(aerial_size * image_scale), int(ground_height * image_scale)
+            raise CvigInputError("half-size inputs (image_scale 0.5) exist for the tiny backbone "
+                                 "only")
+        aerial_size, ground_height = (int(aerial_size * image_scale),
+                                      int(ground_height * image_scale))
         polar_height, polar_width = int(polar_height * image_scale), int(polar_width * image_scale)
     pools = 3 if image_scale == 1.0 else 2
     if backbone not in ("vgg16", "tiny"):
         raise CvigInputError(f"unknown backbone {backbone!r}: use 'vgg16' or 'tiny'")
     if len(tiny_channels) != 4 or any(int(channels) < 1 for channels in tiny_channels):
-        raise CvigInputError(f"tiny_channels must be four positive channel counts, got {list(tiny_channels)}")
+        raise CvigInputError("tiny_channels must be four positive channel counts, "
+                             f"got {list(tiny_channels)}")
     fov = float(fov)
     if not 0.0 < fov <= 360.0:
         raise CvigInputError(f"field of view must be in (0, 360] degrees, got {fov}")
     if ground_width_rule not in ("witw", "dsm"):
-        raise CvigInputError(f"ground_width_rule must be 'witw' or 'dsm', got {ground_width_rule!r}")
+        raise CvigInputError("ground_width_rule must be 'witw' or 'dsm', "
+                             f"got {ground_width_rule!r}")
     if in_channels < 1:
         raise CvigInputError(f"in_channels must be positive, got {in_channels}")
     if vertical_search and not orientation_search:
-        raise CvigInputError("vertical search needs orientation search (the baseline has no map to slide)")
+        raise CvigInputError("vertical search needs orientation search (the baseline has no map "
+                             "to slide)")
     if trainable_convolutions == "default":
         # The paper trains the last six convolutions of VGG16; extra input bands need the first
         # convolution to learn too, and the tiny net has no pretrained weights to keep.
         trainable_convolutions = 6 if backbone == "vgg16" and in_channels == 3 else None
     ground_width = int(fov / 360.0 * polar_width)
     if ground_width < 8:
-        raise CvigInputError(f"field of view {fov} deg gives a ground image {ground_width} px wide: too narrow")
+        raise CvigInputError(f"field of view {fov} deg gives a ground image {ground_width} px "
+                             "wide: too narrow")
     feature_channels = 16
     # The pools halve both sides; the two stride-(2, 1) head convolutions halve the height twice.
     aerial_height = polar_height // (4 << pools) * (2 if vertical_search else 1)
@@ -251,7 +262,8 @@ def build_model(backbone="vgg16", fov=360.0, in_channels=3, ground_width_rule="w
     """Build the twin model.
 
     Args:
-        backbone: ``"vgg16"`` (the paper's) or ``"tiny"`` (same output geometry, ~200x less compute).
+        backbone: ``"vgg16"`` (the paper's) or ``"tiny"`` (same output geometry, ~200x less
+            compute).
         fov: ground photo field of view in degrees, (0, 360].
         in_channels: 3 for RGB; 5 adds building and road bands (their filters start at zero).
         ground_width_rule: ``"witw"`` (floor, Wg = 12 at 70 deg) or ``"dsm"`` (ceil, Wg = 13).
@@ -301,10 +313,12 @@ def load_vgg16_weights(model: TwinModel, path) -> None:
         for convolution, index in zip(encoder.backbone_convolutions(), _VGG16_CONV_INDICES):
             weight_key, bias_key = f"features.{index}.weight", f"features.{index}.bias"
             if weight_key not in state or bias_key not in state:
-                raise CvigInputError(f"{path}: not a torchvision VGG16 state dict (no {weight_key!r})")
+                raise CvigInputError(f"{path}: not a torchvision VGG16 state dict "
+                                     f"(no {weight_key!r})")
             weight = state[weight_key]
             expected = convolution.weight.shape
-            if weight.shape[0] != expected[0] or weight.shape[2:] != expected[2:] or weight.shape[1] > expected[1]:
+            if (weight.shape[0] != expected[0] or weight.shape[2:] != expected[2:]
+                    or weight.shape[1] > expected[1]):
                 raise CvigInputError(f"{path}: {weight_key} has shape {tuple(weight.shape)}, "
                                      f"expected {tuple(expected)}")
             with torch.no_grad():

@@ -18,7 +18,8 @@ def triplet_loss(distance: torch.Tensor, alpha: float = 10.0) -> torch.Tensor:
     which is WITW's normalisation by the 2B(B-1) triplets of the batch.
     """
     if distance.dim() != 2 or distance.shape[0] != distance.shape[1] or distance.shape[0] < 2:
-        raise ValueError(f"triplet_loss needs a square distance matrix of batch >= 2, got {tuple(distance.shape)}")
+        raise ValueError("triplet_loss needs a square distance matrix of batch >= 2, "
+                         f"got {tuple(distance.shape)}")
     batch = distance.shape[0]
     positive = distance.diagonal()
     off_diagonal = ~torch.eye(batch, dtype=torch.bool, device=distance.device)
