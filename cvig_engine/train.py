@@ -63,6 +63,8 @@ class TrainOptions:
     skip_bad: bool = False
     tiny_channels: list = field(default_factory=lambda: [8, 16, 32, 64])
     image_scale: float = 1.0
+    #: "pool" or "stride" (tiny backbone: stride-2 convolutions instead of max-pools).
+    downsample: str = "pool"
     #: Memory (GB) for decoded images and for inputs without random crops or offsets, kept after
     #: the first epoch (about 0.4 MB per pair at the synthetic world's sizes); 0 turns it off.
     cache_gb: float = 4.0
@@ -169,7 +171,8 @@ class _Trainer:
             ground_width_rule=options.ground_width_rule,
             orientation_search=options.orientation_search,
             vertical_search=options.vertical_search, vgg_weights=options.vgg_weights,
-            tiny_channels=options.tiny_channels, image_scale=options.image_scale)
+            tiny_channels=options.tiny_channels, image_scale=options.image_scale,
+            downsample=options.downsample)
         if options.init_from:
             self._initialise_from(options.init_from)
         self.model.to(self.device)

@@ -376,6 +376,24 @@ def test_polar_in_graph_refuses_opsets_where_gridsample_changed(tiny_checkpoint,
                      progress=False)
 
 
+def test_strided_tiny_model_round_trip_at_an_odd_ground_width(tmp_path):
+    torch.manual_seed(8)
+    # 70 deg, half size: ground width 49 rounds down twice (49 -> 24 -> 12) under WITW's rule.
+    model = build_model(backbone="tiny", fov=70.0, image_scale=0.5, downsample="stride")
+    model_dir = tmp_path / "strided"
+    manifest = export_model(save_checkpoint(model, tmp_path / "strided.safetensors"), model_dir,
+                            progress=False)
+    assert manifest["config"]["downsample"] == "stride"
+    rng = np.random.default_rng(9)
+    for role, shape, width in (("ground", (3, 64, 49), 12), ("aerial", (3, 64, 256), 64)):
+        graph = onnx.load(str(model_dir / f"{role}.onnx")).graph
+        assert not any(node.op_type == "MaxPool" for node in graph.node)
+        batch = rng.standard_normal((3,) + shape).astype(np.float32)
+        outputs = _ort(model_dir / f"{role}.onnx", batch)
+        assert outputs.shape == (3, 16, 4, width)
+        assert _max_abs(outputs, _float64_features(model, role, batch)) <= TOLERANCE
+
+
 @pytest.mark.slow
 def test_vgg16_round_trip(tmp_path):
     torch.manual_seed(5)

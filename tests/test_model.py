@@ -28,6 +28,24 @@ def test_output_shapes(backbone, fov, rule, ground_width, feature_width):
     assert list(aerial.shape[1:]) == model.config["aerial_feature_shape"]
 
 
+@pytest.mark.parametrize("image_scale", [1.0, 0.5])
+@pytest.mark.parametrize("fov,rule,feature_width", [(360.0, "witw", 64), (70.0, "witw", 12),
+                                                    (70.0, "dsm", 13)])
+def test_strided_tiny_backbone_keeps_the_pooled_shapes(image_scale, fov, rule, feature_width):
+    model = build_model("tiny", fov=fov, ground_width_rule=rule, image_scale=image_scale,
+                        downsample="stride").eval()
+    config = model.config
+    assert not any(isinstance(layer, torch.nn.MaxPool2d) for layer in model.modules())
+    strided = [c for c in model.ground_encoder.backbone_convolutions() if c.stride == (2, 2)]
+    assert len(strided) == config["pools"]
+    with torch.no_grad():
+        ground, aerial = model(torch.randn(2, 3, config["ground_height"], config["ground_width"]),
+                               torch.randn(2, 3, config["polar_height"], config["polar_width"]))
+    assert tuple(ground.shape) == (2, 16, 4, feature_width)
+    assert tuple(aerial.shape) == (2, 16, 4, 64)
+    assert list(ground.shape[1:]) == config["ground_feature_shape"]
+
+
 def test_vgg16_without_weights_warns():
     with pytest.warns(UserWarning, match="random weights"):
         build_model("vgg16")
@@ -51,8 +69,9 @@ def test_gradients_reach_only_the_last_six_convolutions():
                 assert convolution.weight.grad.abs().sum() > 0
 
 
-def test_aerial_encoder_is_circular_in_width_and_ground_is_not():
-    model = _quiet_build("tiny").eval()
+@pytest.mark.parametrize("downsample", ["pool", "stride"])
+def test_aerial_encoder_is_circular_in_width_and_ground_is_not(downsample):
+    model = _quiet_build("tiny", downsample=downsample).eval()
     aerial = torch.randn(1, 3, 64, 128)
     rolled = torch.roll(aerial, shifts=32, dims=-1)  # 32 px = 4 feature columns
     with torch.no_grad():
@@ -102,10 +121,24 @@ def test_vertical_search_makes_a_taller_aerial_map():
 
 @pytest.mark.parametrize("kwargs", [dict(fov=0), dict(fov=400), dict(backbone="resnet"),
                                     dict(ground_width_rule="round"), dict(tiny_channels=(8, 16, 32)),
-                                    dict(tiny_channels=(8, 16, 0, 32))])
+                                    dict(tiny_channels=(8, 16, 0, 32)), dict(downsample="avg"),
+                                    dict(backbone="vgg16", downsample="stride")])
 def test_bad_model_options_are_input_errors(kwargs):
     with pytest.raises(CvigInputError):
         build_model(**{"backbone": "tiny", **kwargs})
+
+
+@pytest.mark.parametrize("height,width", [(9, 11), (8, 12), (9, 12)])
+def test_strided_padded_convolution_rounds_odd_sizes_up_or_down(height, width):
+    ceil = PaddedConv2d(3, 5, stride=(2, 2))
+    floor = PaddedConv2d(3, 5, stride=(2, 2), floor_size=True)
+    floor.load_state_dict(ceil.state_dict())
+    x = torch.randn(2, 3, height, width)
+    # Zero padding of one on every side: output (n + 1) // 2, i.e. rounded up.
+    expected = torch.nn.functional.conv2d(x, ceil.weight, ceil.bias, stride=2, padding=1)
+    assert expected.shape[-2:] == ((height + 1) // 2, (width + 1) // 2)
+    torch.testing.assert_close(ceil(x), expected)
+    torch.testing.assert_close(floor(x), expected[..., : height // 2, : width // 2])
 
 
 def test_padded_convolution_matches_conv2d_with_zero_padding():
