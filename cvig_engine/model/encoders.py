@@ -182,8 +182,9 @@ def _backbone_layout(config):
         # Each convolution before a pool halves the size itself instead: the same output sizes
         # for a third less time per training step (no full-size activations to normalise and
         # pool).
-        return [("S", c1), ("S", c2), c3, c4] if pools == 2 else [("S", c1), ("S", c2),
-                                                                  ("S", c3), c4]
+        if pools == 2:
+            return [("S", c1), ("S", c2), c3, c4]
+        return [("S", c1), ("S", c2), ("S", c3), c4]
     if pools == 2:
         return [c1, "M", c2, "M", c3, c4]
     return [c1, "M", c2, "M", c3, "M", c4]
