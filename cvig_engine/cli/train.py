@@ -64,9 +64,8 @@ def train_command(data_csv, run_dir, backbone, fov, ground_width_rule, epochs, b
                   learning_rate, lr_schedule, alpha, validation_size, patience, min_delta,
                   max_minutes, seed, cities, exclude_cities,
                   global_mining, init_from, tile_offset_px, colour_jitter, aerial_crop, baseline,
-                  vertical_search,
-                  image_scale, tiny_channels, downsample, in_channels, vgg_weights, device, skip_bad,
-                  cache_gb):
+                  vertical_search, image_scale, tiny_channels, downsample, in_channels,
+                  vgg_weights, device, skip_bad, cache_gb):
     """Train the twin model with the soft-margin triplet loss (resumable)."""
     import json
     import logging
