@@ -96,6 +96,7 @@ def test_triplet_loss_falls_as_matches_separate():
 
 @pytest.mark.parametrize("ground_shape, aerial_shape", [((2, 3, 2, 8), (3, 3, 2, 8)),
                                                         ((2, 3, 2, 3), (3, 3, 2, 8)),
+                                                        ((3, 2, 2, 4), (2, 2, 2, 7)),
                                                         ((2, 3, 2, 3), (2, 3, 4, 8))])
 def test_distance_gradients_match_finite_differences(ground_shape, aerial_shape):
     # With gradients on, only the chosen windows are re-gathered: same values, and gradients that
@@ -120,3 +121,29 @@ def vertical_or_plain_reference(ground, aerial):
     distance, flat_shift, _ = vertical_distance_reference(ground, aerial)
     width = aerial.shape[3]
     return distance, flat_shift % width, flat_shift // width
+
+
+@pytest.mark.parametrize("ground_width", [64, 12])
+def test_fourier_gradients_match_the_gathered_windows_at_model_sizes(ground_width):
+    # Training's backward pass goes through the Fourier domain; the reference gathers each pair's
+    # window explicitly (float64) and lets autograd differentiate that.
+    generator = torch.Generator().manual_seed(ground_width)
+    ground = torch.randn((5, 16, 4, ground_width), dtype=torch.float64, generator=generator,
+                         requires_grad=True)
+    aerial = torch.randn((6, 16, 4, 64), dtype=torch.float64, generator=generator,
+                         requires_grad=True)
+    weights = torch.randn((5, 6), dtype=torch.float64, generator=generator)
+    distance, shift = orientation_distance(ground, aerial)
+    grad_ground, grad_aerial = torch.autograd.grad((distance * weights).sum(), (ground, aerial))
+
+    g = ground / ground.flatten(1).norm(dim=1)[:, None, None, None]
+    columns = (shift[..., None] + torch.arange(ground_width)) % 64  # [Ng, Na, Wg]
+    crops = aerial[torch.arange(6)[None, :, None], :, :, columns]  # [Ng, Na, Wg, C, H]
+    crops = crops.permute(0, 1, 3, 4, 2)
+    reference = 2 - 2 * (crops * g[:, None]).sum(dim=(2, 3, 4)) / crops.pow(2).sum(
+        dim=(2, 3, 4)).sqrt()
+    torch.testing.assert_close(distance, reference, rtol=0, atol=1e-12)
+    expected_ground, expected_aerial = torch.autograd.grad((reference * weights).sum(),
+                                                           (ground, aerial))
+    torch.testing.assert_close(grad_ground, expected_ground, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad_aerial, expected_aerial, rtol=0, atol=1e-12)
