@@ -147,3 +147,15 @@ def test_fourier_gradients_match_the_gathered_windows_at_model_sizes(ground_widt
                                                            (ground, aerial))
     torch.testing.assert_close(grad_ground, expected_ground, rtol=0, atol=1e-12)
     torch.testing.assert_close(grad_aerial, expected_aerial, rtol=0, atol=1e-12)
+
+
+def test_window_energy_matches_the_float64_reference_with_vertical_offsets():
+    from cvig_engine.model import window_energy
+    from cvig_engine.scoring.geometry import window_energy_float64
+
+    aerial = torch.randn((3, 4, 6, 10), dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(4))
+    energy = window_energy(aerial, 4, 7)
+    assert energy.shape == (3, 3, 10)
+    np.testing.assert_allclose(energy.numpy(), window_energy_float64(aerial.numpy(), 4, 7),
+                               rtol=1e-12)

@@ -23,8 +23,15 @@ def _aerial_windows(aerial: torch.Tensor, height: int, width: int) -> torch.Tens
 
 
 def window_energy(aerial: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Sliding-window energy E[m, v, o] = sum of aerial^2 over the window at (v, o): [Na, V, W]."""
-    return _aerial_windows(aerial * aerial, height, width).sum(dim=(1, 4, 5))
+    """Sliding-window energy E[m, v, o] = sum of aerial^2 over the window at (v, o): [Na, V, W].
+
+    Summed over channels first, so the windows (and their gradient) span an [Na, Ha, W] tensor
+    rather than every window's C x height x width values.
+    """
+    squares = aerial.pow(2).sum(dim=1)  # [Na, Ha, W]
+    rows = squares.unfold(1, height, 1).sum(dim=-1)  # [Na, V, W]
+    extended = torch.cat([rows, rows[..., : width - 1]], dim=-1)  # circular in width
+    return extended.unfold(2, width, 1).sum(dim=-1)
 
 
 def orientation_distance(ground: torch.Tensor, aerial: torch.Tensor, return_vertical: bool = False):
@@ -76,10 +83,7 @@ def orientation_distance(ground: torch.Tensor, aerial: torch.Tensor, return_vert
     if track and vertical == 1:
         best_correlation = _ChosenCorrelation.apply(g, aerial, best,
                                                     best_correlation_value(correlation, best))
-        # Per-column energies, then the window sums: the energy's gradient stays [Na, W]-sized.
-        column_energy = aerial.pow(2).sum(dim=(1, 2))  # [Na, W]
-        extended = torch.cat([column_energy, column_energy[:, : ground_width - 1]], dim=1)
-        energy = extended.unfold(1, ground_width, 1).sum(dim=-1)  # [Na, W]
+        energy = window_energy(aerial, ground_height, ground_width).flatten(1)  # [Na, V*W]
         best_energy = energy.gather(1, best.T).T
     elif track:
         crops = _chosen_windows(aerial, best // shifts, best % shifts, ground_height, ground_width)
@@ -115,7 +119,7 @@ class _ChosenCorrelation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         ground, aerial, shift = ctx.saved_tensors
-        num_ground, channels, height, ground_width = ground.shape
+        _, channels, height, ground_width = ground.shape
         num_aerial, _, _, width = aerial.shape
         frequencies = torch.arange(width // 2 + 1, device=aerial.device, dtype=aerial.dtype)
         angle = (-2.0 * torch.pi / width) * shift.to(aerial.dtype)[..., None] * frequencies
