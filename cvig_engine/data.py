@@ -37,6 +37,7 @@ import csv
 import io
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -578,20 +579,6 @@ def _flatten(value):
         yield value
 
 
-def _roll_panorama(tensor, centre_heading: float, rng):
-    """Roll a panorama tensor [C, H, W] by a random number of columns, with its centre heading.
-
-    Column ``j`` of the result is column ``j + r`` of the input, so the centre now faces
-    ``r * 360 / W`` degrees further clockwise.
-    """
-    import torch
-
-    width = tensor.shape[-1]
-    columns = int(rng.integers(width))
-    rolled = torch.roll(tensor, -columns, dims=-1)
-    return rolled, (centre_heading + columns * 360.0 / width) % 360.0
-
-
 def _stack_layers(image_uint8, masks, what):
     image = np.asarray(image_uint8)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -768,6 +755,7 @@ class _PairDatasetImplementation:
         self.cache = {} if cache_bytes > 0 else None
         self.cache_bytes = int(cache_bytes)
         self.cached_bytes = 0
+        self._cache_lock = threading.Lock()  # ``prefetch`` may fill the cache from a thread
         channels = int(self.config.get("in_channels", 3))
         if channels not in (3, 5):
             raise CvigInputError(
@@ -776,6 +764,9 @@ class _PairDatasetImplementation:
             )
         self.use_masks = channels == 5
         model_fov = float(self.config["fov"])
+        # Training's panoramas are kept whole (resized) and cut per item.
+        self._panorama_config = dict(self.config, fov=360.0,
+                                     ground_width=int(self.config["polar_width"]))
         for record in self.records:
             if self.use_masks:
                 missing = [name for name in MASK_COLUMNS if name not in record.masks]
@@ -804,27 +795,45 @@ class _PairDatasetImplementation:
     def __getitem__(self, index: int) -> dict:
         return self.item(index, epoch=self.epoch)
 
-    def item(self, index: int, epoch: int = 0) -> dict:
+    def item(self, index: int, epoch: int = 0, ground_fov: float | None = None) -> dict:
         """Pair ``index`` as model inputs: dict(ground, aerial, index, heading).
 
         Random choices (panorama crop, tile offset) depend only on (seed, epoch, index) when
         training and on (seed, index) otherwise. ``heading`` is the compass heading of the ground
-        input's centre (NaN when the CSV has none).
+        input's centre (NaN when the CSV has none). ``ground_fov`` (training on 360 deg panoramas
+        only) cuts ground views of another width than the model's field of view, e.g. full
+        panoramas while a limited-view model warms up.
         """
         record = self.records[index]
         if self.train:
             rng = np.random.default_rng([self.seed, int(epoch), int(index)])
         else:
             rng = np.random.default_rng([self.seed, int(index)])
+        panorama = record.fov >= 360.0 - _FOV_TOLERANCE
+        model_fov = float(self.config["fov"])
+        if ground_fov is not None and abs(float(ground_fov) - model_fov) > _FOV_TOLERANCE:
+            if not (self.train and panorama):
+                raise CvigInputError(f"{record.where()}: only training on 360 deg panoramas cuts "
+                                     f"{float(ground_fov):g} deg views for a {model_fov:g} deg "
+                                     "model")
+        else:
+            ground_fov = model_fov
         try:
-            # The crop of a panorama is random only in training (evaluation seeds it per pair).
-            fixed_crop = (not self.train
-                          or abs(record.fov - float(self.config["fov"])) <= _FOV_TOLERANCE)
-            ground, offset = self._cached(("ground", index), fixed_crop,
-                                          lambda: self._ground(record, rng, keep=not fixed_crop))
-            if self.train and fixed_crop and float(self.config["fov"]) >= 360.0 - _FOV_TOLERANCE:
-                # A full panorama's "crop at a random heading" is a circular roll of the columns.
-                ground, offset = _roll_panorama(ground, offset, rng)
+            if self.train and panorama:
+                # Training cuts its random window out of the resized panorama, kept once whatever
+                # the window's width (evaluation crops first, then resizes, at a seeded heading;
+                # the two differ by under one column's scale).
+                full, offset = self._cached(("ground", index), True,
+                                            lambda: self._ground(record, None, keep=False,
+                                                                 config=self._panorama_config))
+                ground, crop_offset = crop_panorama(full.permute(1, 2, 0), float(ground_fov),
+                                                    rng=rng)
+                ground = ground.permute(2, 0, 1).contiguous()
+                offset = (offset + crop_offset) % 360.0
+            else:
+                # A photo of the model's field of view is used whole; evaluation seeds its crop.
+                ground, offset = self._cached(("ground", index), True,
+                                              lambda: self._ground(record, rng, keep=False))
             random_offsets = self.train and self.tile_offset_px > 0
             shift = (0, 0)
             if random_offsets:
@@ -841,6 +850,26 @@ class _PairDatasetImplementation:
             aerial = jitter_colours(aerial, self.colour_jitter, jitter_rng)
         heading = (record.heading + offset) % 360.0 if math.isfinite(record.heading) else math.nan
         return {"ground": ground, "aerial": aerial, "index": int(index), "heading": float(heading)}
+
+    def prefetch(self, indices, epoch: int = 0, stop=None) -> int:
+        """Fill the cache with the inputs of ``indices``, in that order (e.g. from a thread while
+        training steps on the first epoch); returns how many were prepared.
+
+        Stops early when the cache is full, when ``stop`` (a ``threading.Event``) is set, or at
+        an unreadable pair, which is left for ``item`` to report.
+        """
+        if self.cache is None:
+            return 0
+        prepared = 0
+        for index in indices:
+            if (stop is not None and stop.is_set()) or self.cached_bytes >= self.cache_bytes:
+                break
+            try:
+                self.item(int(index), epoch=epoch)
+            except CvigInputError:
+                break
+            prepared += 1
+        return prepared
 
     def _cached(self, key, cacheable: bool, compute):
         """``compute()``, read from and kept in the cache when ``cacheable``.
@@ -860,9 +889,10 @@ class _PairDatasetImplementation:
     def _keep(self, key, value) -> None:
         """Cache ``value`` (tensors and arrays, possibly in tuples) if it fits the budget."""
         size = sum(getattr(part, "nbytes", 0) for part in _flatten(value))
-        if self.cached_bytes + size <= self.cache_bytes:
-            self.cache[key] = value
-            self.cached_bytes += size
+        with self._cache_lock:
+            if key not in self.cache and self.cached_bytes + size <= self.cache_bytes:
+                self.cache[key] = value
+                self.cached_bytes += size
 
     def _decoded(self, record, kind: str, keep: bool):
         """The decoded image and masks (None for RGB input) of one view, cached if ``keep``.
@@ -882,9 +912,10 @@ class _PairDatasetImplementation:
 
         return self._cached((kind, record.row, path), keep, decode)
 
-    def _ground(self, record, rng, keep: bool):
+    def _ground(self, record, rng, keep: bool, config=None):
         image, masks = self._decoded(record, "surface", keep)
-        return _prepare_ground(image, self.config, rng=rng, image_fov_deg=record.fov, masks=masks)
+        return _prepare_ground(image, config or self.config, rng=rng, image_fov_deg=record.fov,
+                               masks=masks)
 
     def _aerial(self, record, shift, keep: bool):
         image, masks = self._decoded(record, "overhead", keep)

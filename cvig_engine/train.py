@@ -2,19 +2,23 @@
 
 A run directory holds:
 
-- ``best.safetensors`` + ``best.json``: the checkpoint with the lowest validation loss;
+- ``best.safetensors`` + ``best.json``: the checkpoint with the lowest validation loss (with
+  ``--ema-decay``, of the weights' moving average, which is what validation measures then);
 - ``last.safetensors`` + ``last.json``: the state after the last finished epoch (model, Adam
   moments, epoch, best so far, options), written atomically, from which a killed run resumes;
-- ``metrics.jsonl``: one JSON line per epoch (train loss, validation loss and top-1 %, seconds).
+- ``metrics.jsonl``: one JSON line per epoch (the training views' field of view, train loss,
+  validation loss and top-1 %, seconds).
 
 Randomness is derived from ``(seed, epoch)`` (batch order, panorama crops, tile offsets, dropout),
 so a resumed run replays exactly what an uninterrupted run would have done.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,6 +77,15 @@ class TrainOptions:
     lr_schedule: str = "constant"
     #: Strength of the random per-channel contrast and brightness of training views (0: none).
     colour_jitter: float = 0.0
+    #: The first ``warmup_epochs`` epochs train on ``warmup_fov``-wide ground views (cut from 360
+    #: deg panoramas) before ``fov``: a limited-view model learns faster from wider views first.
+    #: Validation and checkpoints always use ``fov``.
+    warmup_epochs: int = 0
+    warmup_fov: float = 360.0
+    #: Decay per batch of an exponential moving average of the weights (0: off). Validation and
+    #: ``best.safetensors`` use the average: it settles the noise of a high constant rate without
+    #: lowering the rate itself.
+    ema_decay: float = 0.0
 
     def validate(self):
         if self.batch_size < 2:
@@ -98,6 +111,17 @@ class TrainOptions:
             raise CvigInputError(f"--tile-offset must be >= 0, got {self.tile_offset_px}")
         if self.colour_jitter < 0:
             raise CvigInputError(f"--colour-jitter must be >= 0, got {self.colour_jitter}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise CvigInputError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_epochs < 0:
+            raise CvigInputError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if self.warmup_epochs and not self.fov <= self.warmup_fov <= 360.0:
+            raise CvigInputError(f"--warmup-fov must be between --fov ({self.fov:g}) and 360 "
+                                 f"degrees, got {self.warmup_fov:g}")
+
+    def epoch_fov(self, epoch: int) -> float:
+        """The ground views' field of view in (0-based) ``epoch``."""
+        return self.warmup_fov if epoch < self.warmup_epochs else self.fov
 
 
 def resolve_device(device: str) -> torch.device:
@@ -138,12 +162,19 @@ def mine_neighbours(anchor_indices, ground_bank: torch.Tensor, aerial_bank: torc
     chosen: list[int] = []
     taken = set(int(i) for i in exclude)
     candidates = torch.nonzero(seen).flatten()
-    for anchor in anchor_indices:
-        if not bool(seen[anchor]) or len(candidates) == 0:
-            continue
-        similarity = aerial_bank[candidates] @ ground_bank[anchor]
-        for position in torch.argsort(similarity, descending=True, stable=True).tolist():
-            candidate = int(candidates[position])
+    anchors = [int(anchor) for anchor in anchor_indices if bool(seen[int(anchor)])]
+    if not anchors or len(candidates) == 0:
+        return chosen
+    # One matmul for all anchors. Each anchor needs only its `enough` nearest (the taken items
+    # can fill no more places than that): those at least as similar as its enough-th, ranked by
+    # similarity and then by index.
+    similarity = aerial_bank[candidates] @ ground_bank[anchors].T
+    enough = min(len(candidates), len(taken) + len(anchors) + 1)
+    thresholds = torch.topk(similarity, enough, dim=0).values[-1]
+    for column, threshold in enumerate(thresholds.tolist()):
+        near = torch.nonzero(similarity[:, column] >= threshold).flatten()
+        ranked = near[torch.sort(similarity[near, column], descending=True, stable=True).indices]
+        for candidate in candidates[ranked].tolist():
             if candidate not in taken:
                 chosen.append(candidate)
                 taken.add(candidate)
@@ -188,6 +219,12 @@ class _Trainer:
                                               seed=options.seed,
                                               aerial_crop=options.aerial_crop,
                                               cache_bytes=int(options.cache_gb * 0.2e9))
+        # The moving average of the weights (and of batch norm's statistics) when asked for.
+        self.averaged_model = None
+        self.average_updates = 0
+        self.prefetch_started = False
+        if options.ema_decay > 0:
+            self.averaged_model = copy.deepcopy(self.model).requires_grad_(False)
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(parameters, lr=options.learning_rate)
         self.epoch = 0
@@ -220,6 +257,9 @@ class _Trainer:
                 tensors[f"optimizer.{parameter_id}.{key}"] = value.detach().cpu().contiguous()
         tensors.update({"bank.ground": self.ground_bank, "bank.aerial": self.aerial_bank,
                         "bank.seen": self.seen.to(torch.uint8)})
+        if self.averaged_model is not None:
+            for name, value in self.averaged_model.state_dict().items():
+                tensors[f"average.{name}"] = value.detach().cpu().contiguous()
         state_path = self.run_dir / "last_optimizer.safetensors"
         from safetensors.torch import save_file
 
@@ -229,6 +269,7 @@ class _Trainer:
         metadata = {"format": RUN_STATE_FORMAT, "epoch": self.epoch, "best_loss": self.best_loss,
                     "best_epoch": self.best_epoch,
                     "epochs_without_improvement": self.epochs_without_improvement,
+                    "average_updates": self.average_updates,
                     "param_groups": optimizer_state["param_groups"],
                     "optimizer_sha256": file_sha256(state_path), "options": asdict(self.options)}
         # The model file goes last: its metadata names the optimiser file it belongs with.
@@ -264,6 +305,11 @@ class _Trainer:
         self.ground_bank = tensors["bank.ground"].cpu()
         self.aerial_bank = tensors["bank.aerial"].cpu()
         self.seen = tensors["bank.seen"].cpu().bool()
+        if self.averaged_model is not None:
+            self.averaged_model.load_state_dict({name[len("average."):]: value
+                                                 for name, value in tensors.items()
+                                                 if name.startswith("average.")})
+            self.average_updates = metadata["average_updates"]
         self.epoch = metadata["epoch"]
         self.best_loss = metadata["best_loss"]
         self.best_epoch = metadata["best_epoch"]
@@ -279,16 +325,16 @@ class _Trainer:
         return True
 
     # -- steps -----------------------------------------------------------------------------
-    def _batch(self, dataset, indices, epoch):
-        items = [dataset.item(int(i), epoch=epoch) for i in indices]
+    def _batch(self, dataset, indices, epoch, ground_fov=None):
+        items = [dataset.item(int(i), epoch=epoch, ground_fov=ground_fov) for i in indices]
         ground = torch.stack([item["ground"] for item in items]).to(self.device)
         aerial = torch.stack([item["aerial"] for item in items]).to(self.device)
         return ground, aerial
 
-    def _forward(self, ground, aerial):
+    def _forward(self, ground, aerial, model=None):
         use_autocast = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            ground_features, aerial_features = self.model(ground, aerial)
+            ground_features, aerial_features = (model or self.model)(ground, aerial)
         return ground_features.float(), aerial_features.float()
 
     def _with_mining(self, batch):
@@ -312,26 +358,71 @@ class _Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = rate
 
+    @torch.no_grad()
+    def _update_average(self):
+        """One step of the weights' moving average: its decay ramps up from 0 (a copy) over the
+        first updates, so the random initial weights do not linger in it."""
+        if self.averaged_model is None:
+            return
+        updates = self.average_updates
+        decay = min(self.options.ema_decay, updates / (10 + updates))
+        averaged = self.averaged_model.state_dict()
+        for name, value in self.model.state_dict().items():
+            if value.is_floating_point():
+                averaged[name].lerp_(value, 1.0 - decay)
+            else:
+                averaged[name].copy_(value)
+        self.average_updates += 1
+
+    @property
+    def validated_model(self):
+        """The model that validation measures and ``best.safetensors`` keeps."""
+        return self.model if self.averaged_model is None else self.averaged_model
+
     def train_epoch(self, deadline):
         self.model.train()
         torch.manual_seed(self.options.seed * 100003 + self.epoch)
         batches = epoch_batches(self.train_indices, self.options.batch_size, self.options.seed,
                                 self.epoch)
-        losses = []
         from tqdm import tqdm
 
         progress = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch", disable=None,
                         leave=False)
+        stop_prefetch = self._start_prefetch(batches)
+        try:
+            return self._run_batches(progress, batches, deadline)
+        finally:
+            stop_prefetch.set()
+
+    def _start_prefetch(self, batches) -> threading.Event:
+        """Decode this process's first epoch ahead of the steps, in a thread (both release the
+        GIL in their heavy parts); later epochs read the cache. Returns the thread's stop flag."""
+        stop = threading.Event()
+        if self.prefetch_started or self.dataset.cache is None:
+            return stop
+        self.prefetch_started = True
+        # Each batch's first half comes first: with global mining the rest are mostly replaced.
+        half = [max(len(batch) // 2, 1) for batch in batches]
+        order = ([int(i) for batch, h in zip(batches, half) for i in batch[:h]]
+                 + [int(i) for batch, h in zip(batches, half) for i in batch[h:]])
+        threading.Thread(target=self.dataset.prefetch, args=(order, self.epoch, stop),
+                         daemon=True, name="cvig-prefetch").start()
+        return stop
+
+    def _run_batches(self, progress, batches, deadline):
+        losses = []
         for step, batch in enumerate(progress):
             self._set_learning_rate(step, len(batches))
             batch = self._with_mining(batch)
-            ground, aerial = self._batch(self.dataset, batch, self.epoch)
+            ground, aerial = self._batch(self.dataset, batch, self.epoch,
+                                         ground_fov=self.options.epoch_fov(self.epoch))
             ground_features, aerial_features = self._forward(ground, aerial)
             distance, _ = orientation_distance(ground_features, aerial_features)
             loss = triplet_loss(distance, alpha=self.options.alpha)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            self._update_average()
             losses.append(loss.item())
             with torch.no_grad():
                 index = torch.as_tensor(batch)
@@ -346,13 +437,14 @@ class _Trainer:
     @torch.no_grad()
     def validate(self):
         """Validation loss (mean triplet loss over fixed batches) and top-1 % over the hold-out."""
-        self.model.eval()
+        model = self.validated_model
+        model.eval()
         ground_features, aerial_features = [], []
         indices = self.validation_indices
         step = max(self.options.batch_size, 32)
         for start in range(0, len(indices), step):
             ground, aerial = self._batch(self.validation_dataset, indices[start: start + step], 0)
-            g, a = self._forward(ground, aerial)
+            g, a = self._forward(ground, aerial, model)
             ground_features.append(g.cpu())
             aerial_features.append(a.cpu())
         ground_features = torch.cat(ground_features)
@@ -393,6 +485,12 @@ def train(data_csv, run_dir, options: TrainOptions | None = None, *, cities=None
         records = [r for r in records if r.city not in set(exclude_cities)]
     if not records:
         raise CvigInputError(f"{data_csv}: no pairs left after the city filter")
+    if options.warmup_epochs and options.warmup_fov != options.fov:
+        narrow = next((r for r in records if r.fov < 360.0 - 1e-6), None)
+        if narrow is not None:
+            raise CvigInputError(f"{narrow.where()}: --warmup-epochs cuts {options.warmup_fov:g} "
+                                 f"deg views out of 360 deg panoramas, but this photo covers "
+                                 f"{narrow.fov:g} deg")
     records, bad = check_images(records, skip_bad=options.skip_bad)
     run_dir.mkdir(parents=True, exist_ok=True)
     if bad:
@@ -414,6 +512,7 @@ def train(data_csv, run_dir, options: TrainOptions | None = None, *, cities=None
             stop_reason = "early stopping"
             break
         epoch_start = time.monotonic()
+        ground_fov = options.epoch_fov(trainer.epoch)
         train_loss = trainer.train_epoch(deadline)
         validation_loss, top1_percent, top1 = trainer.validate()
         trainer.epoch += 1
@@ -421,13 +520,13 @@ def train(data_csv, run_dir, options: TrainOptions | None = None, *, cities=None
         if improved:
             trainer.best_loss, trainer.best_epoch = validation_loss, trainer.epoch
             trainer.epochs_without_improvement = 0
-            save_checkpoint(trainer.model, run_dir / "best.safetensors", metadata={
+            save_checkpoint(trainer.validated_model, run_dir / "best.safetensors", metadata={
                 "epoch": trainer.epoch, "validation_loss": validation_loss,
                 "validation_top1_percent": top1_percent, "train_options": asdict(options),
                 "train_csv": str(data_csv)})
         else:
             trainer.epochs_without_improvement += 1
-        record = {"epoch": trainer.epoch, "train_loss": train_loss,
+        record = {"epoch": trainer.epoch, "ground_fov": ground_fov, "train_loss": train_loss,
                   "validation_loss": validation_loss,
                   "validation_top1pct": top1_percent, "validation_top1": top1, "improved": improved,
                   "seconds": time.monotonic() - epoch_start}

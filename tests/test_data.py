@@ -370,6 +370,39 @@ def test_pair_dataset_cache_gives_the_same_items_and_reads_each_file_once(tmp_pa
     assert small[1]["ground"] is not small[1]["ground"]
 
 
+def test_prefetch_fills_the_cache_with_what_item_computes_and_stops_when_asked(pairs, tmp_path):
+    import threading
+
+    from cvig_engine.data import PairDataset
+
+    config = _config(fov=90.0)
+    plain = PairDataset(pairs, config, train=True, seed=5, tile_offset_px=2.0)
+    warmed = PairDataset(pairs, config, train=True, seed=5, tile_offset_px=2.0, cache_bytes=1 << 30)
+    thread = threading.Thread(target=warmed.prefetch, args=([2, 0, 1], 0))
+    thread.start()
+    thread.join()
+    assert {key[0] for key in warmed.cache} == {"ground", "overhead"}  # tiles: random offsets
+    assert {key[1] for key in warmed.cache if key[0] == "ground"} == {0, 1, 2}
+    for epoch in range(2):
+        for index in range(3):
+            expected, found = plain.item(index, epoch=epoch), warmed.item(index, epoch=epoch)
+            for key in ("ground", "aerial"):
+                assert torch.equal(expected[key], found[key]), (epoch, index, key)
+    stop = threading.Event()
+    stop.set()
+    idle = PairDataset(pairs, config, train=True, cache_bytes=1 << 30)
+    assert idle.prefetch([0, 1, 2], stop=stop) == 0 and not idle.cache
+    assert PairDataset(pairs, config, train=True).prefetch([0, 1, 2]) == 0  # no cache: nothing
+    # An unreadable pair ends the prefetch there; item() reports it with its file and row.
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    records = [pairs[0], PairRecord(row=9, surface=broken, overhead=pairs[1].overhead), pairs[2]]
+    dataset = PairDataset(records, config, train=True, cache_bytes=1 << 30)
+    assert dataset.prefetch([0, 1, 2]) == 1
+    with pytest.raises(CvigInputError, match="broken.png"):
+        dataset.item(1)
+
+
 def test_training_rolls_full_panoramas_to_random_headings(pairs):
     from cvig_engine.data import PairDataset
 
@@ -387,6 +420,36 @@ def test_training_rolls_full_panoramas_to_random_headings(pairs):
         assert torch.equal(item["aerial"], fixed["aerial"])
         headings.add(item["heading"])
     assert len(headings) > 1
+
+
+@pytest.mark.parametrize("polar_width", [32, 64])  # panoramas 32 wide: kept, or resized
+def test_training_cuts_windows_of_any_width_out_of_the_resized_panorama(pairs, polar_width):
+    from cvig_engine.data import PairDataset
+
+    config = _config(fov=90.0, polar_width=polar_width)
+    training = PairDataset(pairs, config, train=True, seed=2, cache_bytes=1 << 30)
+    # The whole panorama as the model sees it (resized, normalised), heading as in the CSV.
+    whole = PairDataset(pairs, _config(fov=360.0, polar_width=polar_width), train=False)[1]
+    assert whole["heading"] == pairs[1].heading
+    for ground_fov in (90.0, 180.0, 360.0):
+        width = int(ground_fov / 360.0 * polar_width)
+        starts = set()
+        for epoch in range(5):
+            item = training.item(1, epoch=epoch, ground_fov=ground_fov)
+            start = heading_to_shift(item["heading"] - pairs[1].heading, ground_fov, polar_width)
+            expected = whole["ground"][..., (start + np.arange(width)) % polar_width]
+            assert torch.equal(item["ground"], expected), (ground_fov, epoch)
+            assert torch.equal(item["aerial"], whole["aerial"])
+            starts.add(start)
+        assert len(starts) > 1
+    # Without ground_fov: the model's field of view.
+    assert training.item(1, epoch=0)["ground"].shape[-1] == polar_width // 4
+    evaluation = PairDataset(pairs, config, train=False)
+    with pytest.raises(CvigInputError, match="only training on 360 deg panoramas"):
+        evaluation.item(1, ground_fov=360.0)
+    photo = PairRecord(row=7, surface=pairs[1].surface, overhead=pairs[1].overhead, fov=90.0)
+    with pytest.raises(CvigInputError, match="row 7: only training"):
+        PairDataset([photo], config, train=True).item(0, ground_fov=180.0)
 
 
 @pytest.mark.parametrize("channels", [3, 5])

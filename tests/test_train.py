@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -44,7 +45,8 @@ def _train_process(csv, run_dir, epochs):
     command = [sys.executable, "-m", "cvig_engine.cli", "train", "--data", str(csv), "-o", str(run_dir),
                "--epochs", str(epochs), "--batch-size", "8", "--lr", "1e-3", "--validation-size", "8",
                "--seed", "1", "--device", "cpu", "--global-mining", "--tile-offset", "3",
-               "--lr-schedule", "cosine", "--colour-jitter", "0.2"]
+               "--lr-schedule", "cosine", "--colour-jitter", "0.2", "--fov", "180",
+               "--warmup-epochs", "2", "--ema-decay", "0.9"]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -75,6 +77,7 @@ def test_killed_run_resumes_to_the_same_state(small_world, tmp_path):
         torch.testing.assert_close(again[name], full[name], rtol=0, atol=0, msg=name)
     full_optimizer = read_state_dict(tmp_path / "full" / "last_optimizer.safetensors")
     again_optimizer = read_state_dict(tmp_path / "killed" / "last_optimizer.safetensors")
+    assert any(name.startswith("average.") for name in full_optimizer)
     for name in full_optimizer:
         torch.testing.assert_close(again_optimizer[name], full_optimizer[name], rtol=0, atol=0, msg=name)
     lines_full = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
@@ -107,11 +110,114 @@ def test_global_mining_picks_the_nearest_neighbours():
     assert chosen == expected
 
 
+def test_global_mining_breaks_ties_by_index_and_skips_taken_and_unseen_items():
+    rng = np.random.default_rng(1)
+    # Few distinct descriptors with entries in {0, 0.5, 1}: float32 dot products are exact, so
+    # many candidates tie and the rule "most similar, then lowest index" decides.
+    distinct = torch.tensor([[1, 0, 0.5, 0], [0, 1, 0, 0.5], [0.5, 0.5, 1, 0], [0, 0, 0, 1]])
+    ground_bank = distinct[rng.integers(0, 4, 60)]
+    aerial_bank = distinct[rng.integers(0, 4, 60)]
+    seen = torch.from_numpy(rng.random(60) < 0.7)
+    anchors = rng.permutation(60)[:16]
+    exclude = list(anchors) + [int(i) for i in rng.permutation(60)[:10]]
+    chosen = mine_neighbours(anchors, ground_bank, aerial_bank, seen, exclude=exclude)
+    taken, expected = set(exclude), []
+    for anchor in anchors:
+        if not seen[anchor]:
+            continue
+        free = [j for j in range(60) if seen[j] and j not in taken]
+        best = min(free, key=lambda j: (-float(aerial_bank[j].double() @ ground_bank[anchor].double()), j))
+        expected.append(best)
+        taken.add(best)
+    assert chosen == expected and len(chosen) == int(seen[anchors].sum())
+
+
 def test_early_stopping_triggers(small_world, tmp_path):
     summary = train(small_world / "train.csv", tmp_path / "run",
                     _options(epochs=10, patience=2, min_delta=1e6))
     assert summary["stop_reason"] == "early stopping"
     assert summary["epochs"] == 3  # the first epoch sets the best, two more without improvement
+
+
+def test_warmup_epochs_train_on_wider_views_and_validate_at_the_model_fov(small_world, tmp_path,
+                                                                          monkeypatch):
+    from cvig_engine import data
+
+    widths = {}  # (train?, epoch) -> ground input widths seen
+    item = data._PairDatasetImplementation.item
+
+    def spy(self, index, epoch=0, ground_fov=None):
+        found = item(self, index, epoch=epoch, ground_fov=ground_fov)
+        if threading.current_thread() is threading.main_thread():  # not the prefetch thread
+            widths.setdefault((self.train, epoch), set()).add(found["ground"].shape[-1])
+        return found
+
+    monkeypatch.setattr(data._PairDatasetImplementation, "item", spy)
+    train(small_world / "train.csv", tmp_path / "run", _options(fov=90.0, warmup_epochs=2,
+                                                                 epochs=3))
+    # Polar width 512 (the default size): 360 deg views are 512 wide, 90 deg ones 128.
+    assert widths == {(True, 0): {512}, (True, 1): {512}, (True, 2): {128}, (False, 0): {128}}
+    records = [json.loads(line)
+               for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["ground_fov"] for record in records] == [360.0, 360.0, 90.0]
+    config = json.loads((tmp_path / "run" / "best.json").read_text())["config"]
+    assert config["fov"] == 90.0 and config["ground_width"] == 128
+
+
+def test_warmup_needs_panoramas_and_a_wider_view(small_world, tmp_path):
+    lines = (small_world / "train.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    row = lines[3].split(",")
+    row[header.index("fov")] = "90"
+    narrow = small_world / "narrow.csv"
+    narrow.write_text("\n".join(lines[:3] + [",".join(row)] + lines[4:]) + "\n")
+    with pytest.raises(CvigInputError, match=r"narrow.csv: row 4: --warmup-epochs .* covers 90"):
+        train(narrow, tmp_path / "run", _options(fov=90.0, warmup_epochs=1))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(CvigInputError, match="--warmup-fov must be between"):
+        train(small_world / "train.csv", tmp_path / "run",
+              _options(fov=90.0, warmup_epochs=1, warmup_fov=60.0))
+    with pytest.raises(CvigInputError, match="--warmup-epochs must be >= 0"):
+        _options(warmup_epochs=-1).validate()
+
+
+def test_ema_keeps_the_moving_average_of_every_step_and_validates_it(small_world, tmp_path,
+                                                                     monkeypatch):
+    from cvig_engine import train as train_module
+
+    steps = []  # the trained weights after each optimiser step, in float64
+    update = train_module._Trainer._update_average
+
+    def spy(self):
+        steps.append({name: value.double().clone()
+                      for name, value in self.model.state_dict().items()})
+        update(self)
+
+    monkeypatch.setattr(train_module._Trainer, "_update_average", spy)
+    train(small_world / "train.csv", tmp_path / "run", _options(epochs=1, batch_size=4,
+                                                                 ema_decay=0.4))
+    # Reference: a_0 = w_0, a_t = d_t a_(t-1) + (1 - d_t) w_t, d_t = min(0.4, t / (10 + t)).
+    reference = dict(steps[0])
+    for t, weights in enumerate(steps[1:], start=1):
+        decay = min(0.4, t / (10 + t))
+        for name, value in weights.items():
+            if value.dtype.is_floating_point and "num_batches" not in name:
+                reference[name] = decay * reference[name] + (1 - decay) * value
+            else:
+                reference[name] = value
+    assert len(steps) > 2
+    state = read_state_dict(tmp_path / "run" / "last_optimizer.safetensors")
+    trained = read_state_dict(tmp_path / "run" / "last.safetensors")
+    for name, value in reference.items():
+        torch.testing.assert_close(state[f"average.{name}"].double(), value, rtol=0, atol=1e-6,
+                                   msg=name)
+    assert not all(torch.equal(state[f"average.{name}"], trained[name]) for name in trained)
+    # Validation measured the average, so the (first, hence best) epoch's checkpoint holds it.
+    best = read_state_dict(tmp_path / "run" / "best.safetensors")
+    for name in best:
+        assert torch.equal(best[name], state[f"average.{name}"]), name
+    with pytest.raises(CvigInputError, match="--ema-decay"):
+        _options(ema_decay=1.0).validate()
 
 
 def test_validation_split_is_seeded_and_disjoint():

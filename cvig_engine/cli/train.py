@@ -10,6 +10,10 @@ import click
 @click.option("--backbone", type=click.Choice(["tiny", "vgg16"]), default="tiny", show_default=True)
 @click.option("--fov", type=float, default=360.0, show_default=True,
               help="Ground field of view (deg).")
+@click.option("--warmup-epochs", type=int, default=0, show_default=True,
+              help="Train the first N epochs on --warmup-fov views (limited-view models).")
+@click.option("--warmup-fov", type=float, default=360.0, show_default=True,
+              help="Field of view (deg) of the warm-up epochs' ground views.")
 @click.option("--ground-width-rule", type=click.Choice(["witw", "dsm"]), default="witw",
               show_default=True,
               help="Rounding of the ground feature width (70 deg: witw 12, dsm 13).")
@@ -18,6 +22,9 @@ import click
 @click.option("--lr", "learning_rate", type=float, default=1e-5, show_default=True)
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
               show_default=True, help="cosine: fall to zero over --epochs (per batch).")
+@click.option("--ema-decay", type=float, default=0.0, show_default=True,
+              help="Validate and keep a moving average of the weights (decay per batch, e.g. "
+                   "0.998; 0: off).")
 @click.option("--alpha", type=float, default=10.0, show_default=True, help="Triplet loss weight.")
 @click.option("--validation-size", type=int, default=1000, show_default=True)
 @click.option("--patience", type=int, default=5, show_default=True,
@@ -60,8 +67,10 @@ import click
 @click.option("--cache-gb", type=float, default=4.0, show_default=True,
               help="Memory for inputs kept between epochs (about 0.4 MB per synthetic pair); "
                    "0: none.")
-def train_command(data_csv, run_dir, backbone, fov, ground_width_rule, epochs, batch_size,
-                  learning_rate, lr_schedule, alpha, validation_size, patience, min_delta,
+def train_command(data_csv, run_dir, backbone, fov, warmup_epochs, warmup_fov,
+                  ground_width_rule, epochs, batch_size,
+                  learning_rate, lr_schedule, ema_decay, alpha, validation_size, patience,
+                  min_delta,
                   max_minutes, seed, cities, exclude_cities,
                   global_mining, init_from, tile_offset_px, colour_jitter, aerial_crop, baseline,
                   vertical_search, image_scale, tiny_channels, downsample, in_channels,
@@ -81,10 +90,12 @@ def train_command(data_csv, run_dir, backbone, fov, ground_width_rule, epochs, b
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = TrainOptions(
-        backbone=backbone, fov=fov, ground_width_rule=ground_width_rule,
+        backbone=backbone, fov=fov, warmup_epochs=warmup_epochs, warmup_fov=warmup_fov,
+        ground_width_rule=ground_width_rule,
         in_channels=int(in_channels),
         orientation_search=not baseline, vertical_search=vertical_search, epochs=epochs,
-        batch_size=batch_size, learning_rate=learning_rate, lr_schedule=lr_schedule, alpha=alpha,
+        batch_size=batch_size, learning_rate=learning_rate, lr_schedule=lr_schedule,
+        ema_decay=ema_decay, alpha=alpha,
         validation_size=validation_size,
         patience=patience, min_delta=min_delta, seed=seed, max_minutes=max_minutes,
         global_mining=global_mining,
