@@ -93,6 +93,11 @@ class PairRecord:
     csv_path: Path | None = None
     extra: dict = field(default_factory=dict)
 
+    @property
+    def is_panorama(self) -> bool:
+        """Whether the surface image is a full 360 deg panorama (the only kind that is cropped)."""
+        return self.fov >= 360.0 - _FOV_TOLERANCE
+
     def where(self) -> str:
         """``"file.csv: row N"`` for error messages."""
         return (
@@ -777,7 +782,7 @@ class _PairDatasetImplementation:
                     )
             fits = (
                 abs(record.fov - model_fov) <= _FOV_TOLERANCE
-                or record.fov >= 360.0 - _FOV_TOLERANCE
+                or record.is_panorama
             )
             if not fits:
                 raise CvigInputError(
@@ -809,17 +814,16 @@ class _PairDatasetImplementation:
             rng = np.random.default_rng([self.seed, int(epoch), int(index)])
         else:
             rng = np.random.default_rng([self.seed, int(index)])
-        panorama = record.fov >= 360.0 - _FOV_TOLERANCE
         model_fov = float(self.config["fov"])
         if ground_fov is not None and abs(float(ground_fov) - model_fov) > _FOV_TOLERANCE:
-            if not (self.train and panorama):
+            if not (self.train and record.is_panorama):
                 raise CvigInputError(f"{record.where()}: only training on 360 deg panoramas cuts "
                                      f"{float(ground_fov):g} deg views for a {model_fov:g} deg "
                                      "model")
         else:
             ground_fov = model_fov
         try:
-            if self.train and panorama:
+            if self.train and record.is_panorama:
                 # Training cuts its random window out of the resized panorama, kept once whatever
                 # the window's width (evaluation crops first, then resizes, at a seeded heading;
                 # the two differ by under one column's scale).

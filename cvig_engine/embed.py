@@ -153,7 +153,7 @@ def _plan_pairs(records, csv_path: Path, config: dict) -> _Plan:
     aerial, ground = _empty_columns(False), _empty_columns(True)
     match, crop, first_row_of_id = [], [], {}
     for record in records:
-        cropped = record.fov >= 360.0 - _FOV_TOLERANCE and model_fov < 360.0 - _FOV_TOLERANCE
+        cropped = record.is_panorama and model_fov < 360.0 - _FOV_TOLERANCE
         if abs(record.fov - model_fov) > _FOV_TOLERANCE and not cropped:
             raise CvigInputError(f"{record.where()}: the photo covers {record.fov:g} deg but the "
                                  f"model expects {model_fov:g} deg (only 360 deg panoramas are "

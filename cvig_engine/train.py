@@ -486,7 +486,7 @@ def train(data_csv, run_dir, options: TrainOptions | None = None, *, cities=None
     if not records:
         raise CvigInputError(f"{data_csv}: no pairs left after the city filter")
     if options.warmup_epochs and options.warmup_fov != options.fov:
-        narrow = next((r for r in records if r.fov < 360.0 - 1e-6), None)
+        narrow = next((r for r in records if not r.is_panorama), None)
         if narrow is not None:
             raise CvigInputError(f"{narrow.where()}: --warmup-epochs cuts {options.warmup_fov:g} "
                                  f"deg views out of 360 deg panoramas, but this photo covers "
