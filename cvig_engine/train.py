@@ -82,6 +82,13 @@ class TrainOptions:
     #: Validation and checkpoints always use ``fov``.
     warmup_epochs: int = 0
     warmup_fov: float = 360.0
+    #: Further fields of view (deg) trained at every step beside the epoch's: each batch's
+    #: panoramas are also cut to these widths (same heading, same tiles) and the loss is the mean
+    #: of the views' triplet losses. A limited-view model keeps learning from full panoramas.
+    extra_fovs: list = field(default_factory=list)
+    #: Probability that Dropout2d zeroes a channel after the backbone's last dropout points
+    #: (VGG16: the last three convolutions, tiny: the last one); training only.
+    dropout: float = 0.2
     #: Decay per batch of an exponential moving average of the weights (0: off). Validation and
     #: ``best.safetensors`` use the average: it settles the noise of a high constant rate without
     #: lowering the rate itself.
@@ -111,10 +118,15 @@ class TrainOptions:
             raise CvigInputError(f"--tile-offset must be >= 0, got {self.tile_offset_px}")
         if self.colour_jitter < 0:
             raise CvigInputError(f"--colour-jitter must be >= 0, got {self.colour_jitter}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise CvigInputError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise CvigInputError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.warmup_epochs < 0:
             raise CvigInputError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        for extra in self.extra_fovs:
+            if not 0.0 < extra <= 360.0:
+                raise CvigInputError(f"--extra-fov must be in (0, 360] degrees, got {extra:g}")
         if self.warmup_epochs and not self.fov <= self.warmup_fov <= 360.0:
             raise CvigInputError(f"--warmup-fov must be between --fov ({self.fov:g}) and 360 "
                                  f"degrees, got {self.warmup_fov:g}")
@@ -122,6 +134,18 @@ class TrainOptions:
     def epoch_fov(self, epoch: int) -> float:
         """The ground views' field of view in (0-based) ``epoch``."""
         return self.warmup_fov if epoch < self.warmup_epochs else self.fov
+
+    def epoch_fovs(self, epoch: int) -> list[float]:
+        """Every field of view trained in ``epoch``: the epoch's, then the extra ones."""
+        fovs = [self.epoch_fov(epoch)]
+        for extra in self.extra_fovs:
+            if all(abs(extra - fov) > 1e-6 for fov in fovs):
+                fovs.append(float(extra))
+        return fovs
+
+    def cuts_panoramas(self) -> bool:
+        """Whether training cuts views of another width than ``fov`` (needs 360 deg photos)."""
+        return self.epoch_fovs(0) != [self.fov] or self.epoch_fovs(self.epochs) != [self.fov]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -206,6 +230,8 @@ class _Trainer:
             downsample=options.downsample)
         if options.init_from:
             self._initialise_from(options.init_from)
+        for encoder in (self.model.ground_encoder, self.model.aerial_encoder):
+            encoder.dropout.p = options.dropout
         self.model.to(self.device)
         self.records = records
         self.train_indices, self.validation_indices = split_validation(
@@ -325,17 +351,23 @@ class _Trainer:
         return True
 
     # -- steps -----------------------------------------------------------------------------
-    def _batch(self, dataset, indices, epoch, ground_fov=None):
-        items = [dataset.item(int(i), epoch=epoch, ground_fov=ground_fov) for i in indices]
-        ground = torch.stack([item["ground"] for item in items]).to(self.device)
-        aerial = torch.stack([item["aerial"] for item in items]).to(self.device)
-        return ground, aerial
+    def _batch(self, dataset, indices, epoch, ground_fovs=(None,)):
+        """([ground views of each field of view], aerial inputs) of the pairs ``indices``."""
+        views = [[dataset.item(int(i), epoch=epoch, ground_fov=fov) for i in indices]
+                 for fov in ground_fovs]
+        grounds = [torch.stack([item["ground"] for item in items]).to(self.device)
+                   for items in views]
+        aerial = torch.stack([item["aerial"] for item in views[0]]).to(self.device)
+        return grounds, aerial
 
-    def _forward(self, ground, aerial, model=None):
+    def _forward(self, grounds, aerial, model=None):
+        """Features of the first ground views and the tiles, then of any further ground views."""
+        model = model or self.model
         use_autocast = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            ground_features, aerial_features = (model or self.model)(ground, aerial)
-        return ground_features.float(), aerial_features.float()
+            ground_features, aerial_features = model(grounds[0], aerial)
+            extra = [model.ground_encoder(ground) for ground in grounds[1:]]
+        return [ground_features.float(), aerial_features.float()] + [f.float() for f in extra]
 
     def _with_mining(self, batch):
         if not self.options.global_mining:
@@ -414,11 +446,14 @@ class _Trainer:
         for step, batch in enumerate(progress):
             self._set_learning_rate(step, len(batches))
             batch = self._with_mining(batch)
-            ground, aerial = self._batch(self.dataset, batch, self.epoch,
-                                         ground_fov=self.options.epoch_fov(self.epoch))
-            ground_features, aerial_features = self._forward(ground, aerial)
-            distance, _ = orientation_distance(ground_features, aerial_features)
-            loss = triplet_loss(distance, alpha=self.options.alpha)
+            grounds, aerial = self._batch(self.dataset, batch, self.epoch,
+                                          ground_fovs=self.options.epoch_fovs(self.epoch))
+            ground_features, aerial_features, *extra_features = self._forward(grounds, aerial)
+            loss = 0.0
+            for features in [ground_features] + extra_features:
+                distance, _ = orientation_distance(features, aerial_features)
+                loss = loss + triplet_loss(distance, alpha=self.options.alpha)
+            loss = loss / (1 + len(extra_features))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -443,8 +478,9 @@ class _Trainer:
         indices = self.validation_indices
         step = max(self.options.batch_size, 32)
         for start in range(0, len(indices), step):
-            ground, aerial = self._batch(self.validation_dataset, indices[start: start + step], 0)
-            g, a = self._forward(ground, aerial, model)
+            grounds, aerial = self._batch(self.validation_dataset,
+                                          indices[start: start + step], 0)
+            g, a = self._forward(grounds, aerial, model)
             ground_features.append(g.cpu())
             aerial_features.append(a.cpu())
         ground_features = torch.cat(ground_features)
@@ -485,11 +521,11 @@ def train(data_csv, run_dir, options: TrainOptions | None = None, *, cities=None
         records = [r for r in records if r.city not in set(exclude_cities)]
     if not records:
         raise CvigInputError(f"{data_csv}: no pairs left after the city filter")
-    if options.warmup_epochs and options.warmup_fov != options.fov:
+    if options.cuts_panoramas():
         narrow = next((r for r in records if not r.is_panorama), None)
         if narrow is not None:
-            raise CvigInputError(f"{narrow.where()}: --warmup-epochs cuts {options.warmup_fov:g} "
-                                 f"deg views out of 360 deg panoramas, but this photo covers "
+            raise CvigInputError(f"{narrow.where()}: --warmup-epochs / --extra-fov cut other "
+                                 f"views out of 360 deg panoramas, but this photo covers "
                                  f"{narrow.fov:g} deg")
     records, bad = check_images(records, skip_bad=options.skip_bad)
     run_dir.mkdir(parents=True, exist_ok=True)

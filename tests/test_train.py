@@ -164,6 +164,47 @@ def test_warmup_epochs_train_on_wider_views_and_validate_at_the_model_fov(small_
     assert config["fov"] == 90.0 and config["ground_width"] == 128
 
 
+def test_extra_fovs_train_every_step_on_both_widths_with_the_mean_loss(small_world, tmp_path,
+                                                                       monkeypatch):
+    from cvig_engine import data, train as train_module
+
+    widths = {}  # (train?, epoch) -> ground input widths seen
+    item = data._PairDatasetImplementation.item
+
+    def spy(self, index, epoch=0, ground_fov=None):
+        found = item(self, index, epoch=epoch, ground_fov=ground_fov)
+        if threading.current_thread() is threading.main_thread():
+            widths.setdefault((self.train, epoch), set()).add(found["ground"].shape[-1])
+        return found
+
+    training_losses = []  # every triplet loss computed with gradients, in order
+    triplet_loss = train_module.triplet_loss
+
+    def loss_spy(distance, alpha):
+        value = triplet_loss(distance, alpha=alpha)
+        if torch.is_grad_enabled():
+            training_losses.append(value.item())
+        return value
+
+    monkeypatch.setattr(data._PairDatasetImplementation, "item", spy)
+    monkeypatch.setattr(train_module, "triplet_loss", loss_spy)
+    summary = train(small_world / "train.csv", tmp_path / "run",
+                    _options(fov=90.0, extra_fovs=[360.0, 90.0], epochs=2))
+    assert widths == {(True, 0): {128, 512}, (True, 1): {128, 512}, (False, 0): {128}}
+    records = [json.loads(line)
+               for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # Each step: a 90 deg loss, then a 360 deg one (90 is the model's own and is not repeated);
+    # the logged loss is the mean of the two.
+    steps = len(epoch_batches(np.arange(summary["train_pairs"]), 8, 1, 0))
+    assert len(training_losses) == 2 * steps * 2
+    for epoch, record in enumerate(records):
+        losses = training_losses[epoch * 2 * steps: (epoch + 1) * 2 * steps]
+        means = [(losses[k] + losses[k + 1]) / 2 for k in range(0, 2 * steps, 2)]
+        assert record["train_loss"] == pytest.approx(np.mean(means), rel=1e-6)
+    config = json.loads((tmp_path / "run" / "best.json").read_text())["config"]
+    assert config["fov"] == 90.0 and config["ground_width"] == 128
+
+
 def test_warmup_needs_panoramas_and_a_wider_view(small_world, tmp_path):
     lines = (small_world / "train.csv").read_text().splitlines()
     header = lines[0].split(",")
@@ -179,6 +220,11 @@ def test_warmup_needs_panoramas_and_a_wider_view(small_world, tmp_path):
               _options(fov=90.0, warmup_epochs=1, warmup_fov=60.0))
     with pytest.raises(CvigInputError, match="--warmup-epochs must be >= 0"):
         _options(warmup_epochs=-1).validate()
+    with pytest.raises(CvigInputError, match=r"narrow.csv: row 4: .*--extra-fov .* covers 90"):
+        train(narrow, tmp_path / "run", _options(fov=90.0, extra_fovs=[360.0]))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(CvigInputError, match=r"--extra-fov must be in \(0, 360\]"):
+        _options(extra_fovs=[400.0]).validate()
 
 
 def test_ema_keeps_the_moving_average_of_every_step_and_validates_it(small_world, tmp_path,
@@ -298,3 +344,21 @@ def test_resume_refuses_changed_options_and_takes_new_options_as_their_defaults(
     sidecar.write_text(json.dumps(document))
     summary = train(small_world / "train.csv", run, _options(epochs=2))
     assert summary["resumed"] and summary["epochs"] == 2
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+def test_dropout_option_sets_the_training_noise_of_both_encoders(small_world, tmp_path, rate):
+    from cvig_engine.data import read_dataset
+    from cvig_engine.train import _Trainer
+
+    trainer = _Trainer(read_dataset(small_world / "train.csv"), tmp_path, _options(dropout=rate))
+    model = trainer.model.train()
+    config = model.config
+    torch.manual_seed(0)
+    ground = torch.rand(4, 3, config["ground_height"], config["ground_width"])
+    aerial = torch.rand(4, 3, config["polar_height"], config["polar_width"])
+    first, second = model(ground, aerial), model(ground, aerial)
+    for one, two in zip(first, second):  # batch norm uses the batch's statistics both times
+        assert torch.equal(one, two) == (rate == 0.0)
+    with pytest.raises(CvigInputError, match=r"--dropout must be in \[0, 1\)"):
+        _options(dropout=1.0).validate()

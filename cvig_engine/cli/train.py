@@ -14,6 +14,9 @@ import click
               help="Train the first N epochs on --warmup-fov views (limited-view models).")
 @click.option("--warmup-fov", type=float, default=360.0, show_default=True,
               help="Field of view (deg) of the warm-up epochs' ground views.")
+@click.option("--extra-fov", "extra_fovs", type=float, multiple=True,
+              help="Also train every step on views this wide (deg), cut from the same "
+                   "panoramas; the loss is the views' mean (repeatable).")
 @click.option("--ground-width-rule", type=click.Choice(["witw", "dsm"]), default="witw",
               show_default=True,
               help="Rounding of the ground feature width (70 deg: witw 12, dsm 13).")
@@ -25,6 +28,8 @@ import click
 @click.option("--ema-decay", type=float, default=0.0, show_default=True,
               help="Validate and keep a moving average of the weights (decay per batch, e.g. "
                    "0.998; 0: off).")
+@click.option("--dropout", type=float, default=0.2, show_default=True,
+              help="Dropout2d rate after the backbone's last convolution(s) (training only).")
 @click.option("--alpha", type=float, default=10.0, show_default=True, help="Triplet loss weight.")
 @click.option("--validation-size", type=int, default=1000, show_default=True)
 @click.option("--patience", type=int, default=5, show_default=True,
@@ -67,9 +72,9 @@ import click
 @click.option("--cache-gb", type=float, default=4.0, show_default=True,
               help="Memory for inputs kept between epochs (about 0.4 MB per synthetic pair); "
                    "0: none.")
-def train_command(data_csv, run_dir, backbone, fov, warmup_epochs, warmup_fov,
+def train_command(data_csv, run_dir, backbone, fov, warmup_epochs, warmup_fov, extra_fovs,
                   ground_width_rule, epochs, batch_size,
-                  learning_rate, lr_schedule, ema_decay, alpha, validation_size, patience,
+                  learning_rate, lr_schedule, ema_decay, dropout, alpha, validation_size, patience,
                   min_delta,
                   max_minutes, seed, cities, exclude_cities,
                   global_mining, init_from, tile_offset_px, colour_jitter, aerial_crop, baseline,
@@ -91,11 +96,12 @@ def train_command(data_csv, run_dir, backbone, fov, warmup_epochs, warmup_fov,
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = TrainOptions(
         backbone=backbone, fov=fov, warmup_epochs=warmup_epochs, warmup_fov=warmup_fov,
+        extra_fovs=list(extra_fovs),
         ground_width_rule=ground_width_rule,
         in_channels=int(in_channels),
         orientation_search=not baseline, vertical_search=vertical_search, epochs=epochs,
         batch_size=batch_size, learning_rate=learning_rate, lr_schedule=lr_schedule,
-        ema_decay=ema_decay, alpha=alpha,
+        ema_decay=ema_decay, dropout=dropout, alpha=alpha,
         validation_size=validation_size,
         patience=patience, min_delta=min_delta, seed=seed, max_minutes=max_minutes,
         global_mining=global_mining,
