@@ -28,7 +28,8 @@ import torch
 
 from cvig_engine.errors import CvigInputError
 from cvig_engine.files import atomic_write_text, file_sha256
-from cvig_engine.model import build_model, orientation_distance, save_checkpoint, triplet_loss
+from cvig_engine.model import (build_model, distance_at_shift, orientation_distance,
+                               save_checkpoint, triplet_loss)
 from cvig_engine.model.checkpoint import read_checkpoint_document, read_state_dict
 
 LOGGER = logging.getLogger(__name__)
@@ -86,6 +87,10 @@ class TrainOptions:
     #: panoramas are also cut to these widths (same heading, same tiles) and the loss is the mean
     #: of the views' triplet losses. A limited-view model keeps learning from full panoramas.
     extra_fovs: list = field(default_factory=list)
+    #: Score each training pair's positive at its known heading (the CSV's heading plus the
+    #: crop's offset) instead of the searched one; negatives keep the search. Narrow views
+    #: otherwise reward whatever shift the untrained features happen to pick.
+    supervise_heading: bool = False
     #: Probability that Dropout2d zeroes a channel after the backbone's last dropout points
     #: (VGG16: the last three convolutions, tiny: the last one); training only.
     dropout: float = 0.2
@@ -351,13 +356,16 @@ class _Trainer:
         return True
 
     # -- steps -----------------------------------------------------------------------------
-    def _batch(self, dataset, indices, epoch, ground_fovs=(None,)):
-        """([ground views of each field of view], aerial inputs) of the pairs ``indices``."""
+    def _batch(self, dataset, indices, epoch, ground_fovs=(None,), headings=None):
+        """([ground views of each field of view], aerial inputs) of the pairs ``indices``; with
+        a list as ``headings``, each view's compass headings are appended to it."""
         views = [[dataset.item(int(i), epoch=epoch, ground_fov=fov) for i in indices]
                  for fov in ground_fovs]
         grounds = [torch.stack([item["ground"] for item in items]).to(self.device)
                    for items in views]
         aerial = torch.stack([item["aerial"] for item in views[0]]).to(self.device)
+        if headings is not None:
+            headings.extend(np.array([item["heading"] for item in items]) for items in views)
         return grounds, aerial
 
     def _forward(self, grounds, aerial, model=None):
@@ -368,6 +376,16 @@ class _Trainer:
             ground_features, aerial_features = model(grounds[0], aerial)
             extra = [model.ground_encoder(ground) for ground in grounds[1:]]
         return [ground_features.float(), aerial_features.float()] + [f.float() for f in extra]
+
+    @staticmethod
+    def _positives_at_heading(distance, ground_features, aerial_features, fov, heading):
+        """``distance`` with its diagonal (the true pairs) taken at the known headings' shifts."""
+        from cvig_engine.polar import heading_to_shift
+
+        shift = torch.as_tensor(heading_to_shift(heading, fov, aerial_features.shape[-1]),
+                                device=distance.device).reshape(-1)
+        positive = distance_at_shift(ground_features, aerial_features, shift)
+        return distance + torch.diag(positive - distance.diagonal())
 
     def _with_mining(self, batch):
         if not self.options.global_mining:
@@ -446,12 +464,17 @@ class _Trainer:
         for step, batch in enumerate(progress):
             self._set_learning_rate(step, len(batches))
             batch = self._with_mining(batch)
-            grounds, aerial = self._batch(self.dataset, batch, self.epoch,
-                                          ground_fovs=self.options.epoch_fovs(self.epoch))
+            fovs, headings = self.options.epoch_fovs(self.epoch), []
+            grounds, aerial = self._batch(self.dataset, batch, self.epoch, ground_fovs=fovs,
+                                          headings=headings)
             ground_features, aerial_features, *extra_features = self._forward(grounds, aerial)
             loss = 0.0
-            for features in [ground_features] + extra_features:
+            for features, fov, heading in zip([ground_features] + extra_features, fovs,
+                                              headings):
                 distance, _ = orientation_distance(features, aerial_features)
+                if self.options.supervise_heading:
+                    distance = self._positives_at_heading(distance, features, aerial_features,
+                                                          fov, heading)
                 loss = loss + triplet_loss(distance, alpha=self.options.alpha)
             loss = loss / (1 + len(extra_features))
             self.optimizer.zero_grad(set_to_none=True)
@@ -527,6 +550,11 @@ def train(data_csv, run_dir, options: TrainOptions | None = None, *, cities=None
             raise CvigInputError(f"{narrow.where()}: --warmup-epochs / --extra-fov cut other "
                                  f"views out of 360 deg panoramas, but this photo covers "
                                  f"{narrow.fov:g} deg")
+    if options.supervise_heading:
+        unknown = next((r for r in records if not math.isfinite(r.heading)), None)
+        if unknown is not None:
+            raise CvigInputError(f"{unknown.where()}: --supervise-heading needs every photo's "
+                                 "heading, and this row has none")
     records, bad = check_images(records, skip_bad=options.skip_bad)
     run_dir.mkdir(parents=True, exist_ok=True)
     if bad:

@@ -159,3 +159,26 @@ def test_window_energy_matches_the_float64_reference_with_vertical_offsets():
     assert energy.shape == (3, 3, 10)
     np.testing.assert_allclose(energy.numpy(), window_energy_float64(aerial.numpy(), 4, 7),
                                rtol=1e-12)
+
+
+@pytest.mark.parametrize("ground_width", [64, 12])
+def test_distance_at_shift_matches_the_explicit_window_and_its_gradients(ground_width):
+    from cvig_engine.model import distance_at_shift
+
+    rng = np.random.default_rng(7 + ground_width)
+    ground = torch.tensor(rng.normal(size=(5, 3, 2, ground_width)), requires_grad=True)
+    aerial = torch.tensor(rng.normal(size=(5, 3, 2, 64)), requires_grad=True)
+    shift = torch.tensor([0, 63, 17, 52, 5])
+    distance = distance_at_shift(ground, aerial, shift)
+    for i in range(5):  # float64 reference: the window's columns taken one by one
+        g = ground[i].detach().numpy()
+        g = g / np.sqrt((g ** 2).sum())
+        columns = [(int(shift[i]) + k) % 64 for k in range(ground_width)]
+        crop = aerial[i].detach().numpy()[:, :, columns]
+        expected = 2 - 2 * (crop * g).sum() / np.sqrt((crop ** 2).sum())
+        assert distance[i].item() == pytest.approx(expected, abs=1e-12)
+    assert torch.autograd.gradcheck(lambda g, a: distance_at_shift(g, a, shift), (ground, aerial))
+    # At the searched shift it is the searched distance.
+    searched, best = orientation_distance(ground, aerial)
+    torch.testing.assert_close(distance_at_shift(ground, aerial, best.diagonal().clone()),
+                               searched.diagonal(), rtol=0, atol=1e-12)

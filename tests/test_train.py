@@ -362,3 +362,55 @@ def test_dropout_option_sets_the_training_noise_of_both_encoders(small_world, tm
         assert torch.equal(one, two) == (rate == 0.0)
     with pytest.raises(CvigInputError, match=r"--dropout must be in \[0, 1\)"):
         _options(dropout=1.0).validate()
+
+
+def test_supervise_heading_scores_true_pairs_at_their_known_shift(small_world, tmp_path,
+                                                                   monkeypatch):
+    from cvig_engine import data, train as train_module
+    from cvig_engine.model import distance_at_shift
+    from cvig_engine.polar import heading_to_shift
+
+    headings = {}  # (epoch, index) -> heading of the training view the step saw
+    item = data._PairDatasetImplementation.item
+
+    def item_spy(self, index, epoch=0, ground_fov=None):
+        found = item(self, index, epoch=epoch, ground_fov=ground_fov)
+        if self.train and threading.current_thread() is threading.main_thread():
+            headings[(epoch, index)] = found["heading"]
+        return found
+
+    positives, diagonals = [], []
+
+    def shift_spy(ground, aerial, shift):
+        positives.append((shift.clone(), distance_at_shift(ground, aerial, shift).detach()))
+        return distance_at_shift(ground, aerial, shift)
+
+    triplet_loss = train_module.triplet_loss
+
+    def loss_spy(distance, alpha):
+        if torch.is_grad_enabled():
+            diagonals.append(distance.diagonal().detach().clone())
+        return triplet_loss(distance, alpha=alpha)
+
+    monkeypatch.setattr(data._PairDatasetImplementation, "item", item_spy)
+    monkeypatch.setattr(train_module, "distance_at_shift", shift_spy)
+    monkeypatch.setattr(train_module, "triplet_loss", loss_spy)
+    summary = train(small_world / "train.csv", tmp_path / "run",
+                    _options(fov=90.0, supervise_heading=True, epochs=1))
+    batches = epoch_batches(np.arange(summary["train_pairs"]), 8, 1, 0)
+    assert len(positives) == len(diagonals) == len(batches) > 0
+    for (shift, positive), diagonal in zip(positives, diagonals):
+        torch.testing.assert_close(diagonal, positive)  # the loss saw the known-shift positives
+    # Each shift is the orientation bin of the view's heading (aerial map 64 columns wide).
+    seen = [headings[key] for key in sorted(headings)]
+    shifts = torch.cat([shift for shift, _ in positives]).tolist()
+    assert sorted(shifts) == sorted(heading_to_shift(np.array(seen), 90.0, 64).tolist())
+
+    lines = (small_world / "train.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    row = lines[2].split(",")
+    row[header.index("heading")] = ""
+    unknown = small_world / "unknown_heading.csv"
+    unknown.write_text("\n".join(lines[:2] + [",".join(row)] + lines[3:]) + "\n")
+    with pytest.raises(CvigInputError, match=r"unknown_heading.csv: row 3: --supervise-heading"):
+        train(unknown, tmp_path / "run2", _options(supervise_heading=True))

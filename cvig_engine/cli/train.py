@@ -28,6 +28,9 @@ import click
 @click.option("--ema-decay", type=float, default=0.0, show_default=True,
               help="Validate and keep a moving average of the weights (decay per batch, e.g. "
                    "0.998; 0: off).")
+@click.option("--supervise-heading", is_flag=True,
+              help="Score true pairs at their known heading (CSV heading + crop) in training; "
+                   "negatives keep the orientation search.")
 @click.option("--dropout", type=float, default=0.2, show_default=True,
               help="Dropout2d rate after the backbone's last convolution(s) (training only).")
 @click.option("--alpha", type=float, default=10.0, show_default=True, help="Triplet loss weight.")
@@ -74,8 +77,8 @@ import click
                    "0: none.")
 def train_command(data_csv, run_dir, backbone, fov, warmup_epochs, warmup_fov, extra_fovs,
                   ground_width_rule, epochs, batch_size,
-                  learning_rate, lr_schedule, ema_decay, dropout, alpha, validation_size, patience,
-                  min_delta,
+                  learning_rate, lr_schedule, ema_decay, supervise_heading, dropout, alpha,
+                  validation_size, patience, min_delta,
                   max_minutes, seed, cities, exclude_cities,
                   global_mining, init_from, tile_offset_px, colour_jitter, aerial_crop, baseline,
                   vertical_search, image_scale, tiny_channels, downsample, in_channels,
@@ -101,7 +104,8 @@ def train_command(data_csv, run_dir, backbone, fov, warmup_epochs, warmup_fov, e
         in_channels=int(in_channels),
         orientation_search=not baseline, vertical_search=vertical_search, epochs=epochs,
         batch_size=batch_size, learning_rate=learning_rate, lr_schedule=lr_schedule,
-        ema_decay=ema_decay, dropout=dropout, alpha=alpha,
+        ema_decay=ema_decay, supervise_heading=supervise_heading, dropout=dropout,
+        alpha=alpha,
         validation_size=validation_size,
         patience=patience, min_delta=min_delta, seed=seed, max_minutes=max_minutes,
         global_mining=global_mining,

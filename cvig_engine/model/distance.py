@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["orientation_distance", "normalize_ground", "window_energy"]
+__all__ = ["orientation_distance", "distance_at_shift", "normalize_ground", "window_energy"]
 
 _EPSILON = 1e-12
 
@@ -150,3 +150,23 @@ def _chosen_windows(aerial, vertical, shift, height: int, width: int) -> torch.T
     columns = (shift[..., None] + torch.arange(width, device=device)) % aerial_width
     tiles = torch.arange(aerial.shape[0], device=device)[None, :, None, None]
     return aerial.permute(0, 2, 3, 1)[tiles, rows[..., :, None], columns[..., None, :]]
+
+
+def distance_at_shift(ground: torch.Tensor, aerial: torch.Tensor, shift: torch.Tensor):
+    """DSM distance of each pair (ground[i], aerial[i]) at a given shift, without search.
+
+    2 - 2 <crop / |crop|, g> for the aerial window that starts at column ``shift[i]`` (circular;
+    the top rows where the aerial map is taller). Differentiable; ``shift`` is int64 [B].
+    """
+    if ground.shape[0] != aerial.shape[0] or shift.shape != (ground.shape[0],):
+        raise ValueError(f"expected paired maps and one shift per pair, got ground "
+                         f"{tuple(ground.shape)}, aerial {tuple(aerial.shape)}, "
+                         f"shift {tuple(shift.shape)}")
+    _, _, height, width = ground.shape
+    g = normalize_ground(ground)
+    vertical = torch.zeros_like(shift)
+    # One "ground" row against every tile gives tile i's window at shift[i]: [B, C, H, Wg].
+    crops = _chosen_windows(aerial, vertical[None, :], shift[None, :], height, width)[0]
+    crops = crops.permute(0, 3, 1, 2)
+    correlation = (crops * g).flatten(1).sum(dim=1)
+    return 2.0 - 2.0 * correlation / crops.flatten(1).norm(dim=1).clamp_min(_EPSILON)
