@@ -139,24 +139,40 @@ def test_early_stopping_triggers(small_world, tmp_path):
     assert summary["epochs"] == 3  # the first epoch sets the best, two more without improvement
 
 
-def test_warmup_epochs_train_on_wider_views_and_validate_at_the_model_fov(small_world, tmp_path,
-                                                                          monkeypatch):
+def _spy_on_items(monkeypatch) -> list:
+    """Record (train?, epoch, index, item) of every item the steps and validation read (not the
+    prefetch thread's)."""
     from cvig_engine import data
 
-    widths = {}  # (train?, epoch) -> ground input widths seen
+    seen = []
     item = data._PairDatasetImplementation.item
 
     def spy(self, index, epoch=0, ground_fov=None):
         found = item(self, index, epoch=epoch, ground_fov=ground_fov)
-        if threading.current_thread() is threading.main_thread():  # not the prefetch thread
-            widths.setdefault((self.train, epoch), set()).add(found["ground"].shape[-1])
+        if threading.current_thread() is threading.main_thread():
+            seen.append((self.train, epoch, index, found))
         return found
 
     monkeypatch.setattr(data._PairDatasetImplementation, "item", spy)
+    return seen
+
+
+def _widths(seen) -> dict:
+    """(train?, epoch) -> the ground input widths seen."""
+    widths = {}
+    for is_training, epoch, _, found in seen:
+        widths.setdefault((is_training, epoch), set()).add(found["ground"].shape[-1])
+    return widths
+
+
+def test_warmup_epochs_train_on_wider_views_and_validate_at_the_model_fov(small_world, tmp_path,
+                                                                          monkeypatch):
+    seen = _spy_on_items(monkeypatch)
     train(small_world / "train.csv", tmp_path / "run", _options(fov=90.0, warmup_epochs=2,
                                                                  epochs=3))
     # Polar width 512 (the default size): 360 deg views are 512 wide, 90 deg ones 128.
-    assert widths == {(True, 0): {512}, (True, 1): {512}, (True, 2): {128}, (False, 0): {128}}
+    assert _widths(seen) == {(True, 0): {512}, (True, 1): {512}, (True, 2): {128},
+                             (False, 0): {128}}
     records = [json.loads(line)
                for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [record["ground_fov"] for record in records] == [360.0, 360.0, 90.0]
@@ -166,17 +182,9 @@ def test_warmup_epochs_train_on_wider_views_and_validate_at_the_model_fov(small_
 
 def test_extra_fovs_train_every_step_on_both_widths_with_the_mean_loss(small_world, tmp_path,
                                                                        monkeypatch):
-    from cvig_engine import data, train as train_module
+    from cvig_engine import train as train_module
 
-    widths = {}  # (train?, epoch) -> ground input widths seen
-    item = data._PairDatasetImplementation.item
-
-    def spy(self, index, epoch=0, ground_fov=None):
-        found = item(self, index, epoch=epoch, ground_fov=ground_fov)
-        if threading.current_thread() is threading.main_thread():
-            widths.setdefault((self.train, epoch), set()).add(found["ground"].shape[-1])
-        return found
-
+    seen = _spy_on_items(monkeypatch)
     training_losses = []  # every triplet loss computed with gradients, in order
     triplet_loss = train_module.triplet_loss
 
@@ -186,11 +194,10 @@ def test_extra_fovs_train_every_step_on_both_widths_with_the_mean_loss(small_wor
             training_losses.append(value.item())
         return value
 
-    monkeypatch.setattr(data._PairDatasetImplementation, "item", spy)
     monkeypatch.setattr(train_module, "triplet_loss", loss_spy)
     summary = train(small_world / "train.csv", tmp_path / "run",
                     _options(fov=90.0, extra_fovs=[360.0, 90.0], epochs=2))
-    assert widths == {(True, 0): {128, 512}, (True, 1): {128, 512}, (False, 0): {128}}
+    assert _widths(seen) == {(True, 0): {128, 512}, (True, 1): {128, 512}, (False, 0): {128}}
     records = [json.loads(line)
                for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # Each step: a 90 deg loss, then a 360 deg one (90 is the model's own and is not repeated);
@@ -205,13 +212,19 @@ def test_extra_fovs_train_every_step_on_both_widths_with_the_mean_loss(small_wor
     assert config["fov"] == 90.0 and config["ground_width"] == 128
 
 
+def _with_cell(world, name, line, column, value):
+    """A copy of the world's train.csv, named ``name``, with one cell of file line ``line``
+    (1-based, the header being line 1) changed."""
+    lines = (world / "train.csv").read_text().splitlines()
+    row = lines[line - 1].split(",")
+    row[lines[0].split(",").index(column)] = value
+    lines[line - 1] = ",".join(row)
+    (world / name).write_text("\n".join(lines) + "\n")
+    return world / name
+
+
 def test_warmup_needs_panoramas_and_a_wider_view(small_world, tmp_path):
-    lines = (small_world / "train.csv").read_text().splitlines()
-    header = lines[0].split(",")
-    row = lines[3].split(",")
-    row[header.index("fov")] = "90"
-    narrow = small_world / "narrow.csv"
-    narrow.write_text("\n".join(lines[:3] + [",".join(row)] + lines[4:]) + "\n")
+    narrow = _with_cell(small_world, "narrow.csv", 4, "fov", "90")
     with pytest.raises(CvigInputError, match=r"narrow.csv: row 4: --warmup-epochs .* covers 90"):
         train(narrow, tmp_path / "run", _options(fov=90.0, warmup_epochs=1))
     assert not (tmp_path / "run").exists()
@@ -366,19 +379,11 @@ def test_dropout_option_sets_the_training_noise_of_both_encoders(small_world, tm
 
 def test_supervise_heading_scores_true_pairs_at_their_known_shift(small_world, tmp_path,
                                                                    monkeypatch):
-    from cvig_engine import data, train as train_module
+    from cvig_engine import train as train_module
     from cvig_engine.model import distance_at_shift
     from cvig_engine.polar import heading_to_shift
 
-    headings = {}  # (epoch, index) -> heading of the training view the step saw
-    item = data._PairDatasetImplementation.item
-
-    def item_spy(self, index, epoch=0, ground_fov=None):
-        found = item(self, index, epoch=epoch, ground_fov=ground_fov)
-        if self.train and threading.current_thread() is threading.main_thread():
-            headings[(epoch, index)] = found["heading"]
-        return found
-
+    seen_items = _spy_on_items(monkeypatch)
     positives, diagonals = [], []
 
     def shift_spy(ground, aerial, shift):
@@ -392,7 +397,6 @@ def test_supervise_heading_scores_true_pairs_at_their_known_shift(small_world, t
             diagonals.append(distance.diagonal().detach().clone())
         return triplet_loss(distance, alpha=alpha)
 
-    monkeypatch.setattr(data._PairDatasetImplementation, "item", item_spy)
     monkeypatch.setattr(train_module, "distance_at_shift", shift_spy)
     monkeypatch.setattr(train_module, "triplet_loss", loss_spy)
     summary = train(small_world / "train.csv", tmp_path / "run",
@@ -402,15 +406,11 @@ def test_supervise_heading_scores_true_pairs_at_their_known_shift(small_world, t
     for (shift, positive), diagonal in zip(positives, diagonals):
         torch.testing.assert_close(diagonal, positive)  # the loss saw the known-shift positives
     # Each shift is the orientation bin of the view's heading (aerial map 64 columns wide).
-    seen = [headings[key] for key in sorted(headings)]
+    headings = np.array([found["heading"] for is_training, _, _, found in seen_items
+                         if is_training])
     shifts = torch.cat([shift for shift, _ in positives]).tolist()
-    assert sorted(shifts) == sorted(heading_to_shift(np.array(seen), 90.0, 64).tolist())
+    assert shifts == heading_to_shift(headings, 90.0, 64).tolist()
 
-    lines = (small_world / "train.csv").read_text().splitlines()
-    header = lines[0].split(",")
-    row = lines[2].split(",")
-    row[header.index("heading")] = ""
-    unknown = small_world / "unknown_heading.csv"
-    unknown.write_text("\n".join(lines[:2] + [",".join(row)] + lines[3:]) + "\n")
+    unknown = _with_cell(small_world, "unknown_heading.csv", 3, "heading", "")
     with pytest.raises(CvigInputError, match=r"unknown_heading.csv: row 3: --supervise-heading"):
         train(unknown, tmp_path / "run2", _options(supervise_heading=True))
