@@ -123,6 +123,9 @@ class TrainOptions:
             raise CvigInputError(f"--tile-offset must be >= 0, got {self.tile_offset_px}")
         if self.colour_jitter < 0:
             raise CvigInputError(f"--colour-jitter must be >= 0, got {self.colour_jitter}")
+        if self.supervise_heading and self.vertical_search:
+            raise CvigInputError("--supervise-heading knows each pair's horizontal shift only; "
+                                 "it does not combine with --vertical-search")
         if not 0.0 <= self.dropout < 1.0:
             raise CvigInputError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -414,3 +414,5 @@ def test_supervise_heading_scores_true_pairs_at_their_known_shift(small_world, t
     unknown = _with_cell(small_world, "unknown_heading.csv", 3, "heading", "")
     with pytest.raises(CvigInputError, match=r"unknown_heading.csv: row 3: --supervise-heading"):
         train(unknown, tmp_path / "run2", _options(supervise_heading=True))
+    with pytest.raises(CvigInputError, match="does not combine with --vertical-search"):
+        _options(supervise_heading=True, vertical_search=True).validate()
