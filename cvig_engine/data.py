@@ -58,6 +58,7 @@ __all__ = [
     "preprocess_aerial",
     "PairDataset",
     "WITW_COLUMNS",
+    "FOV_TOLERANCE",
     "MASK_COLUMNS",
     "GROUND_MASKS",
     "AERIAL_MASKS",
@@ -69,7 +70,7 @@ AERIAL_MASKS = ("overhead_building", "overhead_road")
 MASK_COLUMNS = GROUND_MASKS + AERIAL_MASKS
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"0", "false", "no", "n", "f"}
-_FOV_TOLERANCE = 1e-6
+FOV_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -96,7 +97,7 @@ class PairRecord:
     @property
     def is_panorama(self) -> bool:
         """Whether the surface image is a full 360 deg panorama (the only kind that is cropped)."""
-        return self.fov >= 360.0 - _FOV_TOLERANCE
+        return self.fov >= 360.0 - FOV_TOLERANCE
 
     def where(self) -> str:
         """``"file.csv: row N"`` for error messages."""
@@ -637,12 +638,12 @@ def _prepare_ground(
     model_fov = float(config["fov"])
     image_fov = model_fov if image_fov_deg is None else float(image_fov_deg)
     offset = 0.0
-    if image_fov < model_fov - _FOV_TOLERANCE:
+    if image_fov < model_fov - FOV_TOLERANCE:
         raise CvigInputError(
             f"the surface image covers {image_fov:g} deg, less than the model's {model_fov:g} deg"
         )
-    if image_fov > model_fov + _FOV_TOLERANCE:
-        if image_fov < 360.0 - _FOV_TOLERANCE:
+    if image_fov > model_fov + FOV_TOLERANCE:
+        if image_fov < 360.0 - FOV_TOLERANCE:
             raise CvigInputError(
                 f"cannot cut a {model_fov:g} deg view out of a {image_fov:g} deg photo: "
                 f"only 360 deg panoramas are cropped"
@@ -781,7 +782,7 @@ class _PairDatasetImplementation:
                         f"{', '.join(missing)}"
                     )
             fits = (
-                abs(record.fov - model_fov) <= _FOV_TOLERANCE
+                abs(record.fov - model_fov) <= FOV_TOLERANCE
                 or record.is_panorama
             )
             if not fits:
@@ -815,7 +816,7 @@ class _PairDatasetImplementation:
         else:
             rng = np.random.default_rng([self.seed, int(index)])
         model_fov = float(self.config["fov"])
-        if ground_fov is not None and abs(float(ground_fov) - model_fov) > _FOV_TOLERANCE:
+        if ground_fov is not None and abs(float(ground_fov) - model_fov) > FOV_TOLERANCE:
             if not (self.train and record.is_panorama):
                 raise CvigInputError(f"{record.where()}: only training on 360 deg panoramas cuts "
                                      f"{float(ground_fov):g} deg views for a {model_fov:g} deg "

@@ -49,7 +49,6 @@ DEFAULT_CROP_SEED = 0
 _CHUNK_BYTES = 1 << 20  # ~1 MiB feature chunks: large sequential writes, small read-modify-writes
 _COPY_ROWS = 4096
 _JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
-_FOV_TOLERANCE = 1e-6
 
 __all__ = ["embed_dataset", "embed_tiles", "read_tile_list"]
 
@@ -144,7 +143,7 @@ def _items(columns: dict) -> _Items:
 
 
 def _plan_pairs(records, csv_path: Path, config: dict) -> _Plan:
-    from cvig_engine.data import AERIAL_MASKS, GROUND_MASKS
+    from cvig_engine.data import AERIAL_MASKS, FOV_TOLERANCE, GROUND_MASKS
 
     use_masks = _uses_masks(config)
     model_fov = float(config["fov"])
@@ -153,8 +152,8 @@ def _plan_pairs(records, csv_path: Path, config: dict) -> _Plan:
     aerial, ground = _empty_columns(False), _empty_columns(True)
     match, crop, first_row_of_id = [], [], {}
     for record in records:
-        cropped = record.is_panorama and model_fov < 360.0 - _FOV_TOLERANCE
-        if abs(record.fov - model_fov) > _FOV_TOLERANCE and not cropped:
+        cropped = record.is_panorama and model_fov < 360.0 - FOV_TOLERANCE
+        if abs(record.fov - model_fov) > FOV_TOLERANCE and not cropped:
             raise CvigInputError(f"{record.where()}: the photo covers {record.fov:g} deg but the "
                                  f"model expects {model_fov:g} deg (only 360 deg panoramas are "
                                  "cropped)")

@@ -26,11 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cvig_engine.data import FOV_TOLERANCE
 from cvig_engine.errors import CvigInputError
 from cvig_engine.files import atomic_write_text, file_sha256
 from cvig_engine.model import (build_model, distance_at_shift, orientation_distance,
                                save_checkpoint, triplet_loss)
 from cvig_engine.model.checkpoint import read_checkpoint_document, read_state_dict
+from cvig_engine.polar import heading_to_shift
 
 LOGGER = logging.getLogger(__name__)
 RUN_STATE_FORMAT = "cvig-train-state"
@@ -147,7 +149,7 @@ class TrainOptions:
         """Every field of view trained in ``epoch``: the epoch's, then the extra ones."""
         fovs = [self.epoch_fov(epoch)]
         for extra in self.extra_fovs:
-            if all(abs(extra - fov) > 1e-6 for fov in fovs):
+            if all(abs(extra - fov) > FOV_TOLERANCE for fov in fovs):
                 fovs.append(float(extra))
         return fovs
 
@@ -359,17 +361,16 @@ class _Trainer:
         return True
 
     # -- steps -----------------------------------------------------------------------------
-    def _batch(self, dataset, indices, epoch, ground_fovs=(None,), headings=None):
-        """([ground views of each field of view], aerial inputs) of the pairs ``indices``; with
-        a list as ``headings``, each view's compass headings are appended to it."""
+    def _batch(self, dataset, indices, epoch, ground_fovs=(None,)):
+        """([ground views of each field of view], aerial inputs, [each view's compass headings])
+        of the pairs ``indices``."""
         views = [[dataset.item(int(i), epoch=epoch, ground_fov=fov) for i in indices]
                  for fov in ground_fovs]
         grounds = [torch.stack([item["ground"] for item in items]).to(self.device)
                    for items in views]
         aerial = torch.stack([item["aerial"] for item in views[0]]).to(self.device)
-        if headings is not None:
-            headings.extend(np.array([item["heading"] for item in items]) for items in views)
-        return grounds, aerial
+        headings = [np.array([item["heading"] for item in items]) for items in views]
+        return grounds, aerial, headings
 
     def _forward(self, grounds, aerial, model=None):
         """Features of the first ground views and the tiles, then of any further ground views."""
@@ -383,8 +384,6 @@ class _Trainer:
     @staticmethod
     def _positives_at_heading(distance, ground_features, aerial_features, fov, heading):
         """``distance`` with its diagonal (the true pairs) taken at the known headings' shifts."""
-        from cvig_engine.polar import heading_to_shift
-
         shift = torch.as_tensor(heading_to_shift(heading, fov, aerial_features.shape[-1]),
                                 device=distance.device).reshape(-1)
         positive = distance_at_shift(ground_features, aerial_features, shift)
@@ -467,9 +466,9 @@ class _Trainer:
         for step, batch in enumerate(progress):
             self._set_learning_rate(step, len(batches))
             batch = self._with_mining(batch)
-            fovs, headings = self.options.epoch_fovs(self.epoch), []
-            grounds, aerial = self._batch(self.dataset, batch, self.epoch, ground_fovs=fovs,
-                                          headings=headings)
+            fovs = self.options.epoch_fovs(self.epoch)
+            grounds, aerial, headings = self._batch(self.dataset, batch, self.epoch,
+                                                    ground_fovs=fovs)
             ground_features, aerial_features, *extra_features = self._forward(grounds, aerial)
             loss = 0.0
             for features, fov, heading in zip([ground_features] + extra_features, fovs,
@@ -504,8 +503,8 @@ class _Trainer:
         indices = self.validation_indices
         step = max(self.options.batch_size, 32)
         for start in range(0, len(indices), step):
-            grounds, aerial = self._batch(self.validation_dataset,
-                                          indices[start: start + step], 0)
+            grounds, aerial, _ = self._batch(self.validation_dataset,
+                                             indices[start: start + step], 0)
             g, a = self._forward(grounds, aerial, model)
             ground_features.append(g.cpu())
             aerial_features.append(a.cpu())
