@@ -337,6 +337,32 @@ def test_pair_dataset_five_channels_needs_masks(tmp_path, pairs):
         )
 
 
+@pytest.mark.parametrize("ground_fov, width", [(None, 8), (360.0, 32)])
+def test_training_crops_keep_the_mask_columns_with_the_photo_columns(pairs, ground_fov, width):
+    """The 5-channel training views (random crops of the model's width, or wider ones cut for
+    --warmup-fov / --extra-fov) take the masks' columns where they take the photo's."""
+    from cvig_engine.data import PairDataset
+
+    training = PairDataset(pairs[:2], _config(fov=90.0, in_channels=5), train=True, seed=0)
+    for index in range(2):
+        panorama = load_image(pairs[index].surface).astype(np.float64)
+        masks = [np.asarray(Image.open(pairs[index].masks[name])) / 255.0
+                 for name in ("surface_building", "surface_road")]
+        starts = set()
+        for epoch in range(4):
+            item = training.item(index, epoch=epoch, ground_fov=ground_fov)
+            assert item["ground"].shape == (5, 8, width)
+            start = heading_to_shift(item["heading"] - pairs[index].heading, width * 360 / 32, 32)
+            columns = (start + np.arange(width)) % 32
+            expected = (panorama[:, columns] / 255 - MEAN) / STD
+            np.testing.assert_allclose(item["ground"][:3].numpy(), expected.transpose(2, 0, 1),
+                                       atol=1e-5)
+            for channel, mask in zip((3, 4), masks):
+                np.testing.assert_array_equal(item["ground"][channel].numpy(), mask[:, columns])
+            starts.add(int(start))
+        assert len(starts) > 1  # the crops move between epochs
+
+
 @pytest.mark.parametrize("fov, channels", [(90.0, 3), (360.0, 3), (360.0, 5)])
 def test_pair_dataset_cache_gives_the_same_items_and_reads_each_file_once(tmp_path, pairs, fov,
                                                                           channels, monkeypatch):
