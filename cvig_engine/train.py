@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cvig_engine.data import FOV_TOLERANCE
+from cvig_engine.data import FOV_TOLERANCE, PairDataset, check_images, read_dataset
 from cvig_engine.errors import CvigInputError
 from cvig_engine.files import atomic_write_text, file_sha256
 from cvig_engine.model import (build_model, distance_at_shift, orientation_distance,
@@ -225,8 +225,6 @@ def epoch_batches(train_indices: np.ndarray, batch_size: int, seed: int, epoch: 
 
 class _Trainer:
     def __init__(self, records, run_dir: Path, options: TrainOptions):
-        from cvig_engine.data import PairDataset
-
         self.options = options
         self.run_dir = run_dir
         self.device = resolve_device(options.device)
@@ -534,8 +532,6 @@ def train(data_csv, run_dir, options: TrainOptions | None = None, *, cities=None
 
     Returns a summary dict (epochs run, best validation loss and top-1 %, stop reason).
     """
-    from cvig_engine.data import check_images, read_dataset
-
     options = options or TrainOptions()
     options.validate()
     run_dir = Path(run_dir)

@@ -337,8 +337,9 @@ def test_pair_dataset_five_channels_needs_masks(tmp_path, pairs):
         )
 
 
-@pytest.mark.parametrize("ground_fov, width", [(None, 8), (360.0, 32)])
-def test_training_crops_keep_the_mask_columns_with_the_photo_columns(pairs, ground_fov, width):
+@pytest.mark.parametrize("ground_fov, view_fov, width", [(None, 90.0, 8), (360.0, 360.0, 32)])
+def test_training_crops_keep_the_mask_columns_with_the_photo_columns(pairs, ground_fov, view_fov,
+                                                                     width):
     """The 5-channel training views (random crops of the model's width, or wider ones cut for
     --warmup-fov / --extra-fov) take the masks' columns where they take the photo's."""
     from cvig_engine.data import PairDataset
@@ -352,7 +353,7 @@ def test_training_crops_keep_the_mask_columns_with_the_photo_columns(pairs, grou
         for epoch in range(4):
             item = training.item(index, epoch=epoch, ground_fov=ground_fov)
             assert item["ground"].shape == (5, 8, width)
-            start = heading_to_shift(item["heading"] - pairs[index].heading, width * 360 / 32, 32)
+            start = heading_to_shift(item["heading"] - pairs[index].heading, view_fov, 32)
             columns = (start + np.arange(width)) % 32
             expected = (panorama[:, columns] / 255 - MEAN) / STD
             np.testing.assert_allclose(item["ground"][:3].numpy(), expected.transpose(2, 0, 1),
